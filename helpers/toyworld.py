@@ -1,0 +1,250 @@
+"""The toy world: procedural scenes of coloured shapes with exact ground truth.
+
+Every scene is a pure function of an integer seed. Training uses seeds below ``HELDOUT_SEED_BASE``;
+held-out scenes (what notebooks, tests and the model card measure on) use seeds from it upward, so the
+two splits never share a scene.
+
+A scene holds the RGB image (uint8, H×W×3), a caption such as "a red circle and a blue square",
+one boolean instance mask per object, and a semantic map (0 = background, 1 + shape index per pixel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {  # name -> RGB (saturated, far from the neutral backgrounds and from each other)
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+}
+COLOUR_NAMES = tuple(COLOURS)
+# Light neutral backgrounds: grey, warm, cool, beige. Objects never share their colours.
+BACKGROUNDS = ((200, 200, 200), (225, 215, 200), (195, 205, 215), (235, 235, 225))
+IMAGE_SIZE = 64
+HELDOUT_SEED_BASE = 10**8
+MAX_OBJECTS = 3
+SUPERSAMPLE = 4
+
+
+@dataclass
+class ToyObject:
+    shape: str
+    colour: str
+    centre: tuple[float, float]  # (x, y) in pixels
+    radius: float
+    angle: float
+    mask: np.ndarray = field(repr=False)  # bool H×W, visible part (after occlusion)
+
+    @property
+    def words(self) -> tuple[str, str]:
+        return (self.colour, self.shape)
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    seed: int
+    image: np.ndarray = field(repr=False)  # uint8 H×W×3
+    objects: list[ToyObject]
+    background: tuple[int, int, int]
+    caption: str
+    texture_seed: int | None = None
+
+    @property
+    def semantic(self) -> np.ndarray:
+        """int64 H×W map: 0 background, 1 + SHAPES.index(shape) where that shape is visible."""
+        sem = np.zeros(self.image.shape[:2], dtype=np.int64)
+        for o in self.objects:
+            sem[o.mask] = 1 + SHAPES.index(o.shape)
+        return sem
+
+    @property
+    def instances(self) -> np.ndarray:
+        """int64 H×W map: 0 background, i + 1 for the i-th object."""
+        ins = np.zeros(self.image.shape[:2], dtype=np.int64)
+        for i, o in enumerate(self.objects):
+            ins[o.mask] = i + 1
+        return ins
+
+    def mask_of(self, word: str) -> np.ndarray:
+        """Union of the masks of the objects a shape or colour word names (bool H×W)."""
+        if word not in SHAPES and word not in COLOURS:
+            raise ValueError(f"'{word}' is not a toy-world word; use one of {SHAPES + COLOUR_NAMES}")
+        m = np.zeros(self.image.shape[:2], dtype=bool)
+        for o in self.objects:
+            if word in o.words:
+                m |= o.mask
+        return m
+
+    def pil(self) -> Image.Image:
+        return Image.fromarray(self.image)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
+    if shape == "circle":
+        return None
+    if shape == "square":
+        k, rr, offs = 4, r * 0.9 * math.sqrt(2), math.pi / 4
+        pts = [(rr * math.cos(angle + offs + 2 * math.pi * i / k), rr * math.sin(angle + offs + 2 * math.pi * i / k))
+               for i in range(k)]
+    elif shape == "triangle":
+        rr = r * 1.15
+        pts = [(rr * math.cos(angle - math.pi / 2 + 2 * math.pi * i / 3),
+                rr * math.sin(angle - math.pi / 2 + 2 * math.pi * i / 3)) for i in range(3)]
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            rr = r * 1.15 if i % 2 == 0 else r * 0.5
+            a = angle - math.pi / 2 + math.pi * i / 5
+            pts.append((rr * math.cos(a), rr * math.sin(a)))
+    else:
+        raise ValueError(f"unknown shape '{shape}'; choose from {SHAPES}")
+    return [(cx + x, cy + y) for x, y in pts]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape, cx, cy, r, angle, fill, s):
+    poly = _polygon(shape, cx * s, cy * s, r * s, angle)
+    if poly is None:
+        draw.ellipse([cx * s - r * s, cy * s - r * s, cx * s + r * s, cy * s + r * s], fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def render(objects: list[dict], background=(200, 200, 200), size: int = IMAGE_SIZE, texture_seed: int | None = 0,
+           texture: float = 6.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Draw objects (dicts with shape, colour, centre, radius, angle) in order, later ones on top.
+
+    Returns the uint8 image and the visible (occlusion-aware) bool mask of each object.
+    Anti-aliased by drawing at SUPERSAMPLE× and averaging; a pixel belongs to a mask when more than half covered.
+    """
+    s = SUPERSAMPLE
+    big = size * s
+    label = Image.new("L", (big, big), 0)
+    ld = ImageDraw.Draw(label)
+    for i, o in enumerate(objects):
+        _draw(ld, o["shape"], *o["centre"], o["radius"], o["angle"], i + 1, s)
+    lab = np.asarray(label)
+    # background with a light, smooth texture (a random low-frequency field)
+    bg = np.empty((size, size, 3), dtype=np.float32)
+    bg[:] = background
+    if texture_seed is not None and texture > 0:
+        rng = np.random.default_rng(texture_seed)
+        coarse = rng.normal(0, 1, (4, 4, 1)).astype(np.float32)
+        field_ = np.asarray(Image.fromarray(coarse[..., 0]).resize((size, size), Image.BICUBIC))[..., None]
+        bg += texture * field_
+    colours = np.zeros((len(objects) + 1, 3), dtype=np.float32)
+    for i, o in enumerate(objects):
+        colours[i + 1] = COLOURS[o["colour"]]
+    # average the supersampled colours; background pixels take the textured background
+    onehot = np.stack([(lab == i) for i in range(len(objects) + 1)], -1).astype(np.float32)  # big,big,K
+    cover = onehot.reshape(size, s, size, s, -1).mean((1, 3))  # size,size,K
+    img = cover[..., :1] * bg + cover[..., 1:] @ colours[1:]
+    masks = [cover[..., i + 1] > 0.5 for i in range(len(objects))]
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), masks
+
+
+def caption_for(objects, order=None) -> str:
+    phrases = [f"a {o['colour'] if isinstance(o, dict) else o.colour} {o['shape'] if isinstance(o, dict) else o.shape}"
+               for o in objects]
+    if order is not None:
+        phrases = [phrases[i] for i in order]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def scene(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE) -> Scene:
+    """The scene of a seed: 1–3 objects of distinct (colour, shape) pairs, placed with little overlap."""
+    if seed < 0:
+        raise ValueError("seeds are non-negative integers")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    if not 1 <= n <= MAX_OBJECTS:
+        raise ValueError(f"a scene holds 1 to {MAX_OBJECTS} objects, not {n}")
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    colours = rng.permutation(len(COLOURS))[:n]  # distinct colours: each colour word names one object
+    objs: list[dict] = []
+    for i in range(n):
+        for _attempt in range(50):
+            r = float(rng.uniform(0.12, 0.22) * size)
+            cx = float(rng.uniform(r, size - r))
+            cy = float(rng.uniform(r, size - r))
+            # keep objects mostly apart: centre distance > 0.9 × sum of radii
+            if all(math.hypot(cx - o["centre"][0], cy - o["centre"][1]) > 0.9 * (r + o["radius"]) for o in objs):
+                break
+        objs.append(dict(shape=SHAPES[int(rng.integers(len(SHAPES)))], colour=COLOUR_NAMES[int(colours[i])],
+                         centre=(cx, cy), radius=r, angle=float(rng.uniform(0, 2 * math.pi))))
+    texture_seed = int(rng.integers(2**31))
+    image, masks = render(objs, background, size, texture_seed=texture_seed)
+    objects = [ToyObject(mask=m, **o) for o, m in zip(objs, masks)]
+    caption = caption_for(objs, order=rng.permutation(n))
+    return Scene(seed=seed, image=image, objects=objects, background=background, caption=caption,
+                 texture_seed=texture_seed)
+
+
+def heldout_scene(i: int, **kw) -> Scene:
+    """The i-th held-out scene (never used in training)."""
+    return scene(HELDOUT_SEED_BASE + i, **kw)
+
+
+def train_scene(i: int, **kw) -> Scene:
+    if not 0 <= i < HELDOUT_SEED_BASE:
+        raise ValueError(f"training seeds lie in [0, {HELDOUT_SEED_BASE})")
+    return scene(i, **kw)
+
+
+def with_colour(sc: Scene, index: int, colour: str) -> Scene:
+    """The same scene with object `index` recoloured: the ground truth of a colour edit."""
+    return _edited(sc, index, colour=colour)
+
+
+def with_shape(sc: Scene, index: int, shape: str) -> Scene:
+    """The same scene with object `index` drawn as another shape: the ground truth of a shape edit."""
+    return _edited(sc, index, shape=shape)
+
+
+def _edited(sc: Scene, index: int, **change) -> Scene:
+    objs = [dict(shape=o.shape, colour=o.colour, centre=o.centre, radius=o.radius, angle=o.angle) for o in sc.objects]
+    if not 0 <= index < len(objs):
+        raise IndexError(f"the scene has {len(objs)} objects; index {index} is out of range")
+    for k, v in change.items():
+        valid = COLOURS if k == "colour" else SHAPES
+        if v not in valid:
+            raise ValueError(f"unknown {k} '{v}'; choose from {tuple(valid)}")
+    objs[index].update(change)
+    image, masks = render(objs, sc.background, sc.image.shape[0], texture_seed=sc.texture_seed)
+    objects = [ToyObject(mask=m, **o) for o, m in zip(objs, masks)]
+    caption = sc.caption.replace(sc.objects[index].phrase, f"{objs[index]['colour']} {objs[index]['shape']}")
+    return Scene(seed=sc.seed, image=image, objects=objects, background=sc.background, caption=caption,
+                 texture_seed=sc.texture_seed)
+
+
+def colour_masses(image: np.ndarray, max_dist: float = 60.0) -> dict[str, float]:
+    """Fraction of the image's pixels whose colour is within `max_dist` (RGB) of each palette colour."""
+    px = image.reshape(-1, 3).astype(np.float32)
+    names = list(COLOURS)
+    pal = np.array([COLOURS[c] for c in names], dtype=np.float32)
+    d = np.linalg.norm(px[:, None, :] - pal[None], axis=-1)
+    nearest = d.argmin(1)
+    close = d.min(1) < max_dist
+    return {c: float(np.mean(close & (nearest == i))) for i, c in enumerate(names)}
+
+
+def colours_in_caption(caption: str) -> set[str]:
+    words = caption.replace(",", " ").split()
+    return {w for w in words if w in COLOURS}
+
+
+def adheres(image: np.ndarray, caption: str, present: float = 0.015, absent: float = 0.005) -> bool:
+    """Does an image contain each colour its caption names (≥ `present` of the pixels) and no other (< `absent`)?"""
+    masses = colour_masses(image)
+    named = colours_in_caption(caption)
+    return all(masses[c] >= present for c in named) and all(masses[c] < absent for c in COLOURS if c not in named)

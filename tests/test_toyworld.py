@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from helpers import toyworld as tw
+
+
+def test_scene_is_a_function_of_its_seed():
+    a, b = tw.scene(123), tw.scene(123)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(tw.scene(124).image, a.image)
+
+
+def test_splits_are_disjoint():
+    with pytest.raises(ValueError, match="training seeds"):
+        tw.train_scene(tw.HELDOUT_SEED_BASE)
+    assert tw.heldout_scene(0).seed == tw.HELDOUT_SEED_BASE
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ground_truth_matches_the_pixels(seed):
+    s = tw.scene(seed)
+    assert 1 <= len(s.objects) <= tw.MAX_OBJECTS
+    for o in s.objects:
+        assert f"{o.colour} {o.shape}" in s.caption
+        assert o.mask.sum() > 30
+        # pixels of an object's mask carry its colour (anti-aliased edges aside)
+        mean = s.image[o.mask].astype(float).mean(0)
+        assert np.abs(mean - tw.COLOURS[o.colour]).max() < 25
+    sem = s.semantic
+    assert set(np.unique(sem)) <= {0} | {1 + tw.SHAPES.index(o.shape) for o in s.objects}
+    assert (s.instances > 0).sum() == sum(o.mask.sum() for o in s.objects)
+
+
+def test_world_covers_all_shapes_colours_and_counts():
+    scenes = [tw.scene(i) for i in range(200)]
+    assert {o.shape for s in scenes for o in s.objects} == set(tw.SHAPES)
+    assert {o.colour for s in scenes for o in s.objects} == set(tw.COLOURS)
+    assert {len(s.objects) for s in scenes} == {1, 2, 3}
+    assert len({s.background for s in scenes}) > 1
+
+
+def test_mask_of_word_and_bad_word():
+    s = tw.scene(5)
+    o = s.objects[0]
+    assert (s.mask_of(o.colour) == o.mask).all()
+    with pytest.raises(ValueError, match="not a toy-world word"):
+        s.mask_of("horse")
+
+
+def test_edits_change_only_the_edited_object():
+    s = tw.scene(7, n_objects=2)
+    new = [c for c in tw.COLOURS if c != s.objects[0].colour and c != s.objects[1].colour][0]
+    e = tw.with_colour(s, 0, new)
+    assert e.caption == s.caption.replace(s.objects[0].phrase, f"{new} {s.objects[0].shape}")
+    changed = np.any(e.image != s.image, -1)
+    assert changed.any()
+    # only pixels the object touches change (its mask, grown by two pixels for anti-aliased edges and corners)
+    from scipy.ndimage import binary_dilation
+    assert not (changed & ~binary_dilation(s.objects[0].mask, iterations=2)).any()
+    assert (np.abs(e.image[s.objects[0].mask].astype(int) - tw.COLOURS[new]).max(-1) < 40).mean() > 0.8
+    sh = tw.with_shape(s, 1, "star" if s.objects[1].shape != "star" else "circle")
+    assert sh.objects[1].shape != s.objects[1].shape
+    with pytest.raises(ValueError, match="unknown colour"):
+        tw.with_colour(s, 0, "mauve")
+    with pytest.raises(IndexError):
+        tw.with_colour(s, 5, "red")
+
+
+def test_colour_adherence_check_on_real_scenes():
+    scenes = [tw.heldout_scene(i) for i in range(50)]
+    assert np.mean([tw.adheres(s.image, s.caption) for s in scenes]) >= 0.95
+    s = scenes[0]
+    blank = np.full_like(s.image, 200)
+    assert not tw.adheres(blank, s.caption)
+    others = [c for c in tw.COLOURS if c not in tw.colours_in_caption(s.caption)]
+    if others:  # a caption that names a colour the image does not have fails
+        assert not tw.adheres(s.image, s.caption + f" and a {others[0]} star")

@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import torch
+
+from helpers import toyworld as tw
+from helpers.attention import LayerInfo
+from helpers.train_toy import PARSER, attention_losses, train
+
+
+def test_tiny_run_exports_a_loadable_pipeline_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--work", str(work), "--out", str(out), "--vae-steps", "2", "--vae-batch", "4", "--scenes", "16",
+            "--batch", "4", "--ckpt-every", "1", "--export-every", "100"]
+    train(PARSER.parse_args(args + ["--steps", "2"]))
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["step"] == 2
+    train(PARSER.parse_args(args + ["--steps", "3"]))  # resumes from the step-2 checkpoint
+    assert json.loads((out / "training.json").read_text())["step"] == 3
+    assert torch.load(work / "unet.pt", weights_only=False)["step"] == 3
+    p = StableDiffusionPipeline.from_pretrained(str(out))
+    p.set_progress_bar_config(disable=True)
+    assert p(tw.scene(0).caption, num_inference_steps=2).images[0].size == (64, 64)
+
+
+class _Store:
+    def __init__(self, maps):
+        self.maps = maps
+
+
+def test_grounding_loss_prefers_attention_inside_the_mask():
+    B, res = 1, 8
+    masks = torch.zeros(B, tw.MAX_OBJECTS, 64, 64)
+    masks[0, 0, :32, :32] = 1
+    slots = torch.tensor([[2, 3, 0, 0, 0, 0]])
+    nobj, keep = torch.tensor([1]), torch.tensor([True])
+    inside = torch.zeros(B, 1, res * res, 77)
+    grid = torch.zeros(res, res); grid[:4, :4] = 1
+    inside[..., 2] = grid.flatten(); inside[..., 3] = grid.flatten()
+    inside[..., 0] = 1 - grid.flatten()
+    uniform = torch.full((B, 1, res * res, 77), 1 / 77)
+    cross = LayerInfo("x.attn2.processor", True, "down")
+    good, _ = attention_losses(_Store([(cross, (res, res), inside)]), masks, nobj, slots, keep, 1.0)
+    bad, _ = attention_losses(_Store([(cross, (res, res), uniform)]), masks, nobj, slots, keep, 1.0)
+    assert good.item() < 0.2 < bad.item()
+    # self-attention: pixels of the object attending to their own object score better than uniform attention
+    selfl = LayerInfo("x.attn1.processor", False, "down")
+    own = grid.flatten()[None, :].repeat(res * res, 1); own = own / own.sum(1, keepdim=True)
+    _, o_good = attention_losses(_Store([(selfl, (res, res), own[None, None])]), masks, nobj, slots, keep, 1.0)
+    _, o_bad = attention_losses(_Store([(selfl, (res, res), torch.full((1, 1, 64, 64), 1 / 64))]), masks, nobj,
+                                slots, keep, 1.0)
+    assert o_good.item() < 1e-6 < o_bad.item()
