@@ -70,7 +70,8 @@ def ddim_step(pipe, latents, eps, t, t_next) -> torch.Tensor:
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
-def _conds(pipe, prompt, negative, n):
+def conditioning(pipe, prompt, negative="", n: int = 1):
+    """(cond, uncond) embeddings for n samples from strings or ready embeddings; one prompt is repeated n times."""
     cond = embed(pipe, prompt) if isinstance(prompt, (str, list, tuple)) else prompt
     if cond.shape[0] == 1 and n > 1:
         cond = cond.expand(n, -1, -1)
@@ -96,7 +97,7 @@ def denoise(pipe, latents, prompt, steps: int = 25, guidance: float = 7.5, start
     latents, e.g. to blend with a mask).
     """
     ts = timesteps(pipe, steps)
-    cond, unc = _conds(pipe, prompt, negative, latents.shape[0])
+    cond, unc = conditioning(pipe, prompt, negative, latents.shape[0])
     step_ratio = pipe.scheduler.config.num_train_timesteps // steps
     for i in tqdm(range(start, len(ts)), desc="denoise", disable=not progress, leave=False):
         t = ts[i]
@@ -142,7 +143,7 @@ def predict_x0(pipe, latents, t, prompt, guidance: float = 1.0, noise=None, seed
         g = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
     noisy = pipe.scheduler.add_noise(latents, noise, torch.as_tensor([int(t)], device=latents.device))
-    cond, unc = _conds(pipe, prompt, negative, latents.shape[0])
+    cond, unc = conditioning(pipe, prompt, negative, latents.shape[0])
     eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
     return x0_from_eps(pipe, noisy, eps, t), noise
 
@@ -155,7 +156,7 @@ def ddim_invert(pipe, latents, prompt, steps: int = 50, guidance: float = 1.0, n
     Returns the trajectory [x_0, x_t1, …, x_T] (steps + 1 latents); reversed, it is the path `denoise` retraces.
     """
     ts = timesteps(pipe, steps).flip(0)  # ascending
-    cond, unc = _conds(pipe, prompt, negative, latents.shape[0])
+    cond, unc = conditioning(pipe, prompt, negative, latents.shape[0])
     step_ratio = pipe.scheduler.config.num_train_timesteps // steps
     traj = [latents]
     for t in tqdm(ts, desc="DDIM inversion", disable=not progress, leave=False):

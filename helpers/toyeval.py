@@ -57,20 +57,21 @@ def cross_attention_iou(pipe, n: int = 64, start: int = 0, t: int = 500, thresho
     size = scenes[0].image.shape[:2]
     maps = cross_maps(store, size=size)
     for b, s in enumerate(scenes):
-        for o in s.objects:
-            words = s.caption.replace(",", " ,").split()
-            (i,) = [i for i in range(len(words) - 1) if words[i] == o.colour and words[i + 1] == o.shape]
-            for kind, pos in (("colour", i + 1), ("shape", i + 2)):
-                out[kind].append(iou(binarise(maps[b, pos], threshold), o.mask))
+        for j, o in enumerate(s.objects):
+            for kind, word in (("colour", o.colour), ("shape", o.shape)):
+                pos = token_positions(pipe.tokenizer, s.caption, word, occurrence=s.occurrence(j, word))
+                out[kind].append(iou(binarise(maps[b, pos].mean(0), threshold), o.mask))
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 @torch.no_grad()
 def self_attention_share(pipe, n: int = 64, start: int = 0, t: int = 300, prompt: str = "", seed: int = 0):
-    """Mean share of a pixel's self-attention that falls on its own region (its object, or the background).
+    """Mean share of a pixel's self-attention that falls on its own region, per resolution.
 
-    As DiffSeg reads it: one UNet pass at timestep t with the empty prompt. Returns {resolution: share, ...,
-    "{res} uniform": what attention spread evenly over the image would score}.
+    As DiffSeg reads it: one UNet pass at timestep t with the empty prompt. For each resolution "RxR" it returns
+    the share over all latent cells (own object, or the background for background cells) and, as
+    "RxR objects", over object cells only (the harder part: objects are small); "… uniform" entries give what
+    attention spread evenly over the image would score, the baseline to beat.
     """
     scenes = [tw.heldout_scene(start + i) for i in range(n)]
     lat = encode(pipe, [s.image for s in scenes])
@@ -81,14 +82,17 @@ def self_attention_share(pipe, n: int = 64, start: int = 0, t: int = 300, prompt
     out = {}
     for kind, (h, w) in store.keys():
         att = store.get(kind, (h, w))  # B × Q × K
-        shares, uniform = [], []
+        acc = {"": [], " objects": [], " uniform": [], " objects uniform": []}
         for b, s in enumerate(scenes):
             regions = F.one_hot(torch.from_numpy(s.instances), len(s.objects) + 1).permute(2, 0, 1).float()
             pooled = F.adaptive_avg_pool2d(regions[None], (h, w))[0].flatten(1)  # R × Q soft region masks
-            owner = pooled.argmax(0)                                             # each cell's region
-            on_region = att[b] @ pooled.T                                        # Q × R attention per region
-            shares.append(on_region.gather(1, owner[:, None]).mean().item())
-            uniform.append((pooled.sum(1) / pooled.sum())[owner].mean().item())
-        out[f"{h}x{w}"] = float(np.mean(shares))
-        out[f"{h}x{w} uniform"] = float(np.mean(uniform))
+            owner = pooled.argmax(0)                                             # each cell's region (0 = bg)
+            share = (att[b] @ pooled.T).gather(1, owner[:, None])[:, 0]          # attention on own region
+            even = (pooled.sum(1) / pooled.sum())[owner]                         # ... if attention were uniform
+            obj = owner > 0
+            acc[""].append(share.mean().item()); acc[" uniform"].append(even.mean().item())
+            if obj.any():
+                acc[" objects"].append(share[obj].mean().item()); acc[" objects uniform"].append(even[obj].mean().item())
+        for k, v in acc.items():
+            out[f"{h}x{w}{k}"] = float(np.mean(v))
     return out

@@ -84,6 +84,26 @@ class Scene:
                 m |= o.mask
         return m
 
+    @property
+    def words(self) -> list[str]:
+        """The caption's words, commas as words of their own (as a CLIP tokenizer splits them)."""
+        return self.caption.replace(",", " ,").split()
+
+    def phrase_index(self, index: int) -> int:
+        """Index in `words` of object `index`'s colour word (its shape word follows)."""
+        o = self.objects[index]
+        w = self.words
+        (i,) = [i for i in range(len(w) - 1) if w[i] == o.colour and w[i + 1] == o.shape]
+        return i
+
+    def occurrence(self, index: int, word: str) -> int:
+        """Which occurrence (0-based) of `word` in the caption belongs to object `index` (for repeated shapes)."""
+        o = self.objects[index]
+        if word not in o.words:
+            raise ValueError(f"object {index} is a {o.phrase}; '{word}' does not describe it")
+        at = self.phrase_index(index) + (0 if word == o.colour else 1)
+        return self.words[:at].count(word)
+
     def pil(self) -> Image.Image:
         return Image.fromarray(self.image)
 

@@ -120,11 +120,10 @@ N_SLOTS = 2 * tw.MAX_OBJECTS  # (colour token, shape token) per object
 def token_slots(tok, sc: tw.Scene):
     """Token ids of the caption, and for each object the token positions of its colour and shape words."""
     ids = tok(sc.caption, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True).input_ids
-    words = sc.caption.replace(",", " ,").split()
     # every toy-world word is a single token, so word i sits at token position i + 1 (after the start token)
     slots = []
-    for o in sc.objects:
-        (i,) = [i for i in range(len(words) - 1) if words[i] == o.colour and words[i + 1] == o.shape]
+    for j in range(len(sc.objects)):
+        i = sc.phrase_index(j)
         slots += [i + 1, i + 2]
     return ids, slots
 
@@ -201,6 +200,7 @@ def export(out: Path, vae, unet, text_encoder, tok, scaling_factor: float, meta:
                                    requires_safety_checker=False)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    write_tokenizer(out / "tokenizer")  # also vocab.json + merges.txt, which older transformers releases need
     (out / "training.json").write_text(json.dumps(meta, indent=1))
 
 

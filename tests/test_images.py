@@ -47,3 +47,11 @@ def test_vae_round_trip_psnr(pipe):
     score = np.mean([psnr(np.asarray(tensor_to_pil(x[i:i + 1])[0]), s.image) for i, s in enumerate(scenes)])
     assert score >= 25
     assert 0.5 < z.std().item() < 2  # the scaling factor puts latents near unit variance
+
+
+def test_url_falls_back_to_the_bundled_copy_offline():
+    img = load_image("https://example.invalid/images/toy_scene_64.png")
+    assert img.size == (64, 64) and img.mode == "RGB"
+    assert np.array_equal(np.asarray(img), tw.heldout_scene(0).image)
+    with pytest.raises(FileNotFoundError, match="no bundled copy"):
+        load_image("https://example.invalid/images/not_bundled.png")

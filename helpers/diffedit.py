@@ -1,0 +1,157 @@
+"""DiffEdit (Couairon et al., 2022): a mask of *where* an edit must happen, from the model's own disagreement.
+
+Notebook 01 builds the purist recipe step by step, notebook 02 the fast one; this module keeps the versions later
+notebooks and the benchmark import.
+
+- `purist_mask`: n img2img partial denoisings (strength 0.5 of a 50-step schedule) under the reference and the query
+  prompt, with shared noise per draw; the absolute difference of the results, averaged over channels and draws.
+- `fast_mask`: one UNet call for all n draws and both prompts (with guidance): the difference of the predicted
+  clean latents x0 at the strength's timestep. With shared noise, x0_q − x0_r = −√((1−ᾱ)/ᾱ)·(ε_q − ε_r): the same
+  map as the noise-prediction difference diffusers uses, up to a constant factor.
+- `binarise_diffusers`: diffusers' rule (clamp at 3× the mean, rescale to [0, 1], threshold 0.5).
+- `masked_diffusion`: DDIM-encode the input, decode under the query, and at every step keep the outside of the mask
+  equal to the input's encoding at that step.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import (conditioning, add_noise, ddim_invert, denoise, predict_noise, start_index, timesteps, x0_from_eps)
+
+
+def check_prompts(reference: str, query: str):
+    if not isinstance(reference, str) or not isinstance(query, str):
+        raise TypeError("reference and query are prompt strings")
+    if reference.strip().lower() == query.strip().lower():
+        raise ValueError(f"the reference and query prompts are identical ({query!r}): nothing differs, so the mask "
+                         "would be empty; write the query as the edited description, e.g. 'a red circle' → "
+                         "'a green circle'")
+
+
+def _check_n(n: int):
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (noise draws per mask) must be an integer ≥ 1, got {n!r}")
+
+
+def _check_latents(latents: torch.Tensor):
+    if latents.ndim != 4 or latents.shape[0] != 1:
+        raise ValueError(f"expected the latents of one image (1×C×h×w), got shape {tuple(latents.shape)}; "
+                         "use helpers.images.encode(pipe, image)")
+
+
+def normalise(d: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise a map to [0, 1]."""
+    return (d - d.min()) / (d.max() - d.min() + 1e-12)
+
+
+def _draws(latents, n, seed):
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
+
+
+@torch.no_grad()
+def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength: float = 0.5, steps: int = 50,
+                guidance: float = 7.5, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """The purist DiffEdit map (h×w latent grid, normalised to [0, 1]): mean |denoised_query − denoised_reference|.
+
+    All n draws and both prompts run as one batch of 2n through `steps·strength` guided DDIM steps.
+    """
+    check_prompts(reference, query)
+    _check_n(n)
+    _check_latents(latents)
+    i0 = start_index(steps, strength)
+    noise = _draws(latents, n, seed)
+    z = latents.expand(2 * n, -1, -1, -1)
+    t0 = timesteps(pipe, steps)[i0]
+    noisy = add_noise(pipe, z, t0, torch.cat([noise, noise]))
+    out = denoise(pipe, noisy, [reference] * n + [query] * n, steps, guidance, start=i0, progress=progress)
+    return normalise((out[n:] - out[:n]).abs().mean(1).mean(0))
+
+
+@torch.no_grad()
+def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: float = 0.5, steps: int = 50,
+              guidance: float = 7.5, seed: int = 0) -> torch.Tensor:
+    """The fast DiffEdit map (h×w, [0, 1]): mean |x0_query − x0_reference| from ONE batched UNet call (4n samples)."""
+    check_prompts(reference, query)
+    _check_n(n)
+    _check_latents(latents)
+    t = timesteps(pipe, steps)[start_index(steps, strength)]
+    noise = _draws(latents, n, seed)
+    z = latents.expand(2 * n, -1, -1, -1)
+    noisy = add_noise(pipe, z, t, torch.cat([noise, noise]))
+    cond, unc = conditioning(pipe, [reference] * n + [query] * n, "", 2 * n)
+    eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
+    x0 = x0_from_eps(pipe, noisy, eps, t)
+    return normalise((x0[n:] - x0[:n]).abs().mean(1).mean(0))
+
+
+def binarise_diffusers(diff: torch.Tensor, ratio: float = 3.0) -> torch.Tensor:
+    """diffusers' `generate_mask` rule: clamp at ratio × mean, rescale to [0, 1], threshold at 0.5."""
+    d = diff.clamp(0, ratio * diff.mean())
+    return normalise(d) > 0.5
+
+
+def blur(mask: torch.Tensor, sigma: float = 1.0, size: int = 3) -> torch.Tensor:
+    """Gaussian blur (size×size) of a map; `blur(m) > 0` smooths and dilates a binary mask by about a cell."""
+    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-ax**2 / (2 * sigma**2))
+    k = (k[:, None] * k[None]) / k.sum() ** 2
+    return F.conv2d(mask.float()[None, None], k[None, None].to(mask.device), padding=size // 2)[0, 0]
+
+
+def to_latent_mask(pipe, mask, latents: torch.Tensor) -> torch.Tensor:
+    """A mask at latent size (h×w) or image size (H×W) -> float mask at latent size; errors on other shapes."""
+    m = torch.as_tensor(mask).float().to(latents.device)
+    h, w = latents.shape[-2:]
+    if m.ndim != 2:
+        raise ValueError(f"a mask is a 2-D map (h×w), got shape {tuple(m.shape)}")
+    if tuple(m.shape) == (h, w):
+        return m
+    from .images import vae_factor
+    f = vae_factor(pipe)
+    if tuple(m.shape) == (h * f, w * f):
+        return F.adaptive_avg_pool2d(m[None, None], (h, w))[0, 0]
+    raise ValueError(f"mask of shape {tuple(m.shape)} fits neither the latents ({h}×{w}) nor the image "
+                     f"({h * f}×{w * f}); resize it to one of them")
+
+
+@torch.no_grad()
+def masked_diffusion(pipe, latents, mask, reference: str, query: str, strength: float = 0.7, steps: int = 50,
+                     guidance: float = 7.5, progress: bool = False) -> torch.Tensor:
+    """DiffEdit's step 2 and 3: DDIM-encode the input under the reference prompt to the strength's timestep, then
+    decode under the query; after every step, outside the mask, put back the input's encoding at that step.
+
+    Returns the edited latents. The mask may be at latent or image size, binary or soft.
+    """
+    check_prompts(reference, query)
+    _check_latents(latents)
+    m = to_latent_mask(pipe, mask, latents)
+    if m.sum() == 0:
+        raise ValueError("the mask is empty: nothing would be edited; lower the threshold or check the prompts")
+    if (m > 0.5).float().mean() > 0.95:
+        warnings.warn("the mask covers more than 95% of the image: the edit will not preserve the input")
+    i0 = start_index(steps, strength)
+    traj = ddim_invert(pipe, latents, reference, steps, guidance=1.0)  # x_0 … x_T along the schedule
+    ts = timesteps(pipe, steps)
+    # traj[k] sits at the k-th ascending timestep; the descending index i starts from ts[i] = traj[len(ts) - i]
+    start = traj[len(ts) - i0]
+
+    def keep_outside(i, t, lat):
+        ref = traj[len(ts) - i - 1]  # the input's encoding at the step just reached
+        return m * lat + (1 - m) * ref
+
+    return denoise(pipe, start, query, steps, guidance, start=i0, callback=keep_outside, progress=progress)
+
+
+def diffedit_pipeline(pipe):
+    """diffusers' StableDiffusionDiffEditPipeline built from an already loaded pipeline's parts (no reload)."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+    parts = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet")}
+    p = StableDiffusionDiffEditPipeline(**parts, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                        inverse_scheduler=DDIMInverseScheduler.from_config(pipe.scheduler.config),
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
