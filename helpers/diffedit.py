@@ -22,9 +22,14 @@ import torch.nn.functional as F
 from .sampling import (conditioning, add_noise, ddim_invert, denoise, predict_noise, start_index, timesteps, x0_from_eps)
 
 
-def check_prompts(reference: str, query: str):
+def check_prompts(reference, query):
+    """Reference and query are prompt strings or prompt embeddings (1 × tokens × dim); they must differ."""
+    if isinstance(reference, torch.Tensor) and isinstance(query, torch.Tensor):
+        if torch.equal(reference, query):
+            raise ValueError("the reference and query embeddings are identical: the mask would be empty")
+        return
     if not isinstance(reference, str) or not isinstance(query, str):
-        raise TypeError("reference and query are prompt strings")
+        raise TypeError("reference and query are both prompt strings or both embedding tensors")
     if reference.strip().lower() == query.strip().lower():
         raise ValueError(f"the reference and query prompts are identical ({query!r}): nothing differs, so the mask "
                          "would be empty; write the query as the edited description, e.g. 'a red circle' → "
@@ -47,6 +52,12 @@ def normalise(d: torch.Tensor) -> torch.Tensor:
     return (d - d.min()) / (d.max() - d.min() + 1e-12)
 
 
+def _embed_n(pipe, prompt, n):
+    from .text import embed
+    e = embed(pipe, prompt) if isinstance(prompt, str) else prompt
+    return e.expand(n, -1, -1)
+
+
 def _draws(latents, n, seed):
     g = torch.Generator("cpu").manual_seed(seed)
     return torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
@@ -67,7 +78,8 @@ def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength
     z = latents.expand(2 * n, -1, -1, -1)
     t0 = timesteps(pipe, steps)[i0]
     noisy = add_noise(pipe, z, t0, torch.cat([noise, noise]))
-    out = denoise(pipe, noisy, [reference] * n + [query] * n, steps, guidance, start=i0, progress=progress)
+    cond = torch.cat([_embed_n(pipe, reference, n), _embed_n(pipe, query, n)])
+    out = denoise(pipe, noisy, cond, steps, guidance, start=i0, progress=progress)
     return normalise((out[n:] - out[:n]).abs().mean(1).mean(0))
 
 
@@ -82,7 +94,8 @@ def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: 
     noise = _draws(latents, n, seed)
     z = latents.expand(2 * n, -1, -1, -1)
     noisy = add_noise(pipe, z, t, torch.cat([noise, noise]))
-    cond, unc = conditioning(pipe, [reference] * n + [query] * n, "", 2 * n)
+    cond = torch.cat([_embed_n(pipe, reference, n), _embed_n(pipe, query, n)])
+    cond, unc = conditioning(pipe, cond, "", 2 * n)
     eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
     x0 = x0_from_eps(pipe, noisy, eps, t)
     return normalise((x0[n:] - x0[:n]).abs().mean(1).mean(0))
@@ -90,7 +103,7 @@ def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: 
 
 def binarise_diffusers(diff: torch.Tensor, ratio: float = 3.0) -> torch.Tensor:
     """diffusers' `generate_mask` rule: clamp at ratio × mean, rescale to [0, 1], threshold at 0.5."""
-    d = diff.clamp(0, ratio * diff.mean())
+    d = torch.minimum(diff.clamp(min=0), ratio * diff.mean())
     return normalise(d) > 0.5
 
 
@@ -155,3 +168,97 @@ def diffedit_pipeline(pipe):
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     return p
+
+
+CAPTION_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "{} on the background", "{}.")
+
+
+def caption_variants(caption: str, templates=CAPTION_TEMPLATES) -> list[str]:
+    """Several phrasings of one caption — the offline stand-in for captions written by a language model."""
+    return [t.format(caption) for t in templates]
+
+
+def average_embedding(pipe, prompts) -> torch.Tensor:
+    """The mean of several prompts' embeddings (1 × tokens × dim), as the diffusers DiffEdit guide builds them."""
+    from .text import embed
+    return embed(pipe, list(prompts)).mean(0, keepdim=True)
+
+
+def latent_to_image_mask(mask: torch.Tensor, shape) -> "np.ndarray":
+    """A latent-size mask -> a boolean mask at image size (nearest neighbour)."""
+    m = F.interpolate(torch.as_tensor(mask).float()[None, None], size=tuple(shape), mode="nearest")[0, 0]
+    return (m > 0.5).cpu().numpy()
+
+
+def compare_masks(pipe, cases, methods: dict, progress: bool = True) -> dict:
+    """Run each mask method on each toy edit case; return per method lists of IoU, UNet evaluations and seconds.
+
+    methods: name -> function(pipe, latents, case) returning a boolean latent- or image-size mask.
+    """
+    import time
+    import numpy as np
+    from tqdm.auto import tqdm
+    from .images import encode
+    from .metrics import iou
+    from .sampling import UNetCounter
+    out = {name: {"iou": [], "evals": [], "seconds": []} for name in methods}
+    for case in tqdm(cases, desc="edits", disable=not progress):
+        z = encode(pipe, case.scene.image)
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            with UNetCounter(pipe.unet) as c:
+                m = fn(pipe, z, case)
+            out[name]["seconds"].append(time.perf_counter() - t)
+            m = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m)
+            if tuple(m.shape) != case.region.shape:
+                m = torch.from_numpy(latent_to_image_mask(m, case.region.shape))
+            out[name]["iou"].append(iou(m.bool().numpy(), case.region))
+            out[name]["evals"].append(c.evals)
+    return out
+
+
+def diffusers_mask(dp, image_u8, reference: str, query: str, seed: int = 0, **kw) -> torch.Tensor:
+    """diffusers' `generate_mask` on a uint8 H×W×3 image; returns its boolean latent-size mask."""
+    x = torch.from_numpy(image_u8).permute(2, 0, 1)[None].float() / 255
+    m = dp.generate_mask(image=x, source_prompt=reference, target_prompt=query,
+                         generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.from_numpy(m[0]) > 0.5
+
+
+def mask_methods(pipe, n_purist: int = 10, n_fast: int = 20, strength: float = 0.5, steps: int = 50,
+                 guidance: float = 7.5, seed: int = 0) -> dict:
+    """The mask recipes compared in notebook 02's closing table and in bench/diffedit_masks.py, with their defaults.
+
+    Each maps (pipe, latents, edit case) -> a boolean mask.
+    """
+    dp = diffedit_pipeline(pipe)
+    kw = dict(strength=strength, steps=steps, guidance=guidance, seed=seed)
+
+    def averaged(p, c):
+        return average_embedding(p, caption_variants(c))
+
+    return {
+        f"purist (n={n_purist}, {steps - start_index(steps, strength)} steps)":
+            lambda p, z, c: binarise_diffusers(purist_mask(p, z, c.reference, c.query, n=n_purist, **kw)),
+        f"fast (n={n_fast}, 1 call)":
+            lambda p, z, c: binarise_diffusers(fast_mask(p, z, c.reference, c.query, n=n_fast, **kw)),
+        "fast, averaged captions":
+            lambda p, z, c: binarise_diffusers(fast_mask(p, z, averaged(p, c.reference), averaged(p, c.query),
+                                                         n=n_fast, **kw)),
+        "diffusers generate_mask":
+            lambda p, z, c: diffusers_mask(dp, c.scene.image, c.reference, c.query, seed=seed,
+                                           mask_encode_strength=strength, num_inference_steps=steps,
+                                           guidance_scale=guidance),
+    }
+
+
+def table_text(table: dict) -> str:
+    """The comparison table as text: mean ± spread of IoU, UNet evaluations, seconds and time relative to fast."""
+    import numpy as np
+    fast = next(k for k in table if k.startswith("fast ("))
+    ref_s = np.mean(table[fast]["seconds"])
+    lines = [f"{'method':26s} {'mask IoU':>13s} {'UNet evals':>11s} {'seconds':>8s} {'× fast':>7s}"]
+    for name, r in table.items():
+        lines.append(f"{name:26s} {np.mean(r['iou']):6.2f} ± {np.std(r['iou']):.2f} {np.mean(r['evals']):11.0f} "
+                     f"{np.mean(r['seconds']):8.2f} {np.mean(r['seconds']) / ref_s:7.1f}")
+    return "\n".join(lines)

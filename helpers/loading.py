@@ -64,9 +64,14 @@ def load_pipeline(model: str | None = None, cls=None, device: str | None = None,
 
     The bundled model loads with the same `from_pretrained` call as real Stable Diffusion.
     """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()  # importing pipelines warns that torchvision is absent: it is not needed here
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        tlog.set_verbosity(level)
+    from diffusers.utils import logging as dlog
     cls = cls or StableDiffusionPipeline
     if not progress:  # loading bars would only clutter notebooks: the model is small or cached
         dlog.disable_progress_bar(); tlog.disable_progress_bar()

@@ -258,6 +258,17 @@ def colour_masses(image: np.ndarray, max_dist: float = 60.0) -> dict[str, float]
     return {c: float(np.mean(close & (nearest == i))) for i, c in enumerate(names)}
 
 
+def colour_fraction(image: np.ndarray, mask: np.ndarray, colour: str, max_dist: float = 60.0) -> float:
+    """Share of the pixels under `mask` whose colour is within `max_dist` of the palette colour `colour`."""
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour '{colour}'; choose from {COLOUR_NAMES}")
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != image.shape[:2]:
+        raise ValueError(f"mask {m.shape} and image {image.shape[:2]} differ in size")
+    px = image[m].astype(np.float32)
+    return float(np.mean(np.linalg.norm(px - np.array(COLOURS[colour], np.float32), axis=-1) < max_dist)) if m.any() else 0.0
+
+
 def colours_in_caption(caption: str) -> set[str]:
     words = caption.replace(",", " ").split()
     return {w for w in words if w in COLOURS}
@@ -268,3 +279,35 @@ def adheres(image: np.ndarray, caption: str, present: float = 0.015, absent: flo
     masses = colour_masses(image)
     named = colours_in_caption(caption)
     return all(masses[c] >= present for c in named) and all(masses[c] < absent for c in COLOURS if c not in named)
+
+
+@dataclass
+class EditCase:
+    """A held-out edit with its ground truth: where the image must change (`region`) and what it should become."""
+    kind: str              # "colour", "shape" or "one of three"
+    scene: Scene
+    reference: str         # the input's caption
+    query: str             # the edited caption
+    target: Scene          # the toy world's rendering of the edited scene
+    region: np.ndarray = field(repr=False)  # bool H×W: the edited object's pixels before or after the edit
+    index: int = 0         # which object is edited
+    new_colour: str | None = None
+
+
+def edit_cases(n: int, start: int = 0, size: int = IMAGE_SIZE, kinds=("colour", "shape", "one of three")) -> list[EditCase]:
+    """n held-out edits cycling through `kinds`: recolour an object of a 1–2-object scene, change an object's
+    shape, or recolour one object of three. Deterministic; held-out seeds from HELDOUT_SEED_BASE + 10**6 + start."""
+    cases = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        sc = heldout_scene(10**6 + start + i, n_objects=3 if kind == "one of three" else 1 + (i // len(kinds)) % 2,
+                           size=size)
+        o = sc.objects[0]
+        if kind == "shape":
+            new_shape = SHAPES[(SHAPES.index(o.shape) + 1 + i % (len(SHAPES) - 1)) % len(SHAPES)]
+            target, colour = with_shape(sc, 0, new_shape), None
+        else:
+            colour = next(c for c in COLOUR_NAMES[i % 4:] + COLOUR_NAMES[:i % 4] if c not in colours_in_caption(sc.caption))
+            target = with_colour(sc, 0, colour)
+        cases.append(EditCase(kind, sc, sc.caption, target.caption, target, o.mask | target.objects[0].mask, 0, colour))
+    return cases

@@ -218,14 +218,20 @@ def train(args):
     latents = data["latents"] * scaling
     unet = build_unet()
     sched = build_scheduler()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    # token identity: a linear probe must read each caption token back from the text encoder's output at its
+    # position. Without it, the grounding loss (which asks a colour word and its shape word to attend to the same
+    # place) lets "circle" and "square" collapse onto one embedding. The probe is training-only; it is not exported.
+    # The probe compares directions (cosine, temperature 10), so tiny differences cannot satisfy it.
+    probe = torch.nn.Linear(text_encoder.config.hidden_size, text_encoder.config.vocab_size, bias=False)
+    params = list(unet.parameters()) + list(text_encoder.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     start, spent = 0, 0.0
     ck = work / "unet.pt"
     if ck.exists():
         st = torch.load(ck, weights_only=False)
-        unet.load_state_dict(st["unet"]); text_encoder.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
+        unet.load_state_dict(st["unet"]); text_encoder.load_state_dict(st["te"]); probe.load_state_dict(st["probe"])
+        opt.load_state_dict(st["opt"])
         ema_unet.load_state_dict(st["ema_unet"]); ema_te.load_state_dict(st["ema_te"])
         start, spent = st["step"], st.get("seconds", 0.0)
         torch.set_rng_state(st["rng"])
@@ -258,9 +264,12 @@ def train(args):
             masks = torch.from_numpy(np.unpackbits(data["masks"][idx].numpy(), axis=-1)[..., :tw.IMAGE_SIZE]).float()
             ground, own = attention_losses(store, masks, data["nobj"][idx], data["slots"][idx], keep,
                                            args.colour_weight)
+            words = (ids != tok.bos_token_id) & (ids != tok.eos_token_id)
+            logits = 10 * F.normalize(cond[words], dim=-1) @ F.normalize(probe.weight, dim=-1).T
+            ident = F.cross_entropy(logits, ids[words]) if words.any() else cond.sum() * 0
             at = alphas[t].sqrt()
             loss = (w * mse).mean() + args.ground * (at * ground).sum() / keep.sum().clamp(min=1) \
-                + args.self_weight * (at * own).mean()
+                + args.self_weight * (at * own).mean() + args.identity * ident
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -273,11 +282,12 @@ def train(args):
                     for pe, p in zip(m_ema.parameters(), m.parameters()):
                         pe.lerp_(p, 1 - d)
             bar.set_postfix(mse=f"{mse.mean().item():.3f}", ground=f"{ground[keep].mean().item():.3f}",
-                            own=f"{own.mean().item():.3f}")
+                            own=f"{own.mean().item():.3f}", ident=f"{ident.item():.2f}")
             now = time.time(); spent += now - tick; tick = now
             done = step + 1
             if done % args.ckpt_every == 0 or done == args.steps:
-                torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "opt": opt.state_dict(),
+                torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "probe": probe.state_dict(),
+                            "opt": opt.state_dict(),
                             "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": done,
                             "seconds": spent, "rng": torch.get_rng_state()}, ck)
             if done % args.export_every == 0 or done == args.steps:
@@ -297,7 +307,7 @@ PARSER.add_argument("--seed", type=int, default=0)
 PARSER.add_argument("--vae-steps", type=int, default=600)
 PARSER.add_argument("--vae-batch", type=int, default=32)
 PARSER.add_argument("--scenes", type=int, default=40000, help="training scenes encoded once (seeds 0..N-1)")
-PARSER.add_argument("--steps", type=int, default=8000)
+PARSER.add_argument("--steps", type=int, default=7000)
 PARSER.add_argument("--batch", type=int, default=64)
 PARSER.add_argument("--lr", type=float, default=8e-4)
 PARSER.add_argument("--ema", type=float, default=0.998)
@@ -305,6 +315,7 @@ PARSER.add_argument("--drop", type=float, default=0.1, help="caption dropout (tr
 PARSER.add_argument("--ground", type=float, default=0.5, help="weight of the cross-attention grounding loss")
 PARSER.add_argument("--colour-weight", type=float, default=2.0, help="colour token's weight inside grounding")
 PARSER.add_argument("--self-weight", type=float, default=0.3, help="weight of the self-attention own-object term")
+PARSER.add_argument("--identity", type=float, default=0.1, help="weight of the token-identity probe loss")
 PARSER.add_argument("--ckpt-every", type=int, default=100)
 PARSER.add_argument("--export-every", type=int, default=1000)
 PARSER_DEFAULTS = {a.dest: a.default for a in PARSER._actions}

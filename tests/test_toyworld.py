@@ -75,3 +75,26 @@ def test_colour_adherence_check_on_real_scenes():
     others = [c for c in tw.COLOURS if c not in tw.colours_in_caption(s.caption)]
     if others:  # a caption that names a colour the image does not have fails
         assert not tw.adheres(s.image, s.caption + f" and a {others[0]} star")
+
+
+def test_colour_fraction():
+    s = tw.scene(3)
+    o = s.objects[0]
+    assert tw.colour_fraction(s.image, o.mask, o.colour) > 0.9
+    other = next(c for c in tw.COLOURS if c != o.colour)
+    assert tw.colour_fraction(s.image, o.mask, other) < 0.05
+    with pytest.raises(ValueError, match="differ in size"):
+        tw.colour_fraction(s.image, np.ones((8, 8), bool), o.colour)
+
+
+def test_edit_cases_cover_kinds_and_carry_ground_truth():
+    cases = tw.edit_cases(6)
+    assert [c.kind for c in cases] == ["colour", "shape", "one of three"] * 2
+    for c in cases:
+        assert c.reference != c.query and c.reference == c.scene.caption and c.query == c.target.caption
+        changed = np.any(c.scene.image != c.target.image, -1)
+        from scipy.ndimage import binary_dilation
+        assert not (changed & ~binary_dilation(c.region, iterations=2)).any()  # nothing changes outside the region
+        assert c.region.sum() > 30
+    assert len(cases[2].scene.objects) == 3
+    assert tw.edit_cases(3)[1].query == cases[1].query  # deterministic
