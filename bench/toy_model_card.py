@@ -23,11 +23,19 @@ BARS = {"vae_psnr_db": 25.0, "adherence": 0.90, "xattn_iou_shape": 0.5, "self_sh
         "self_share_8x8": 0.5, "self_share_4x4": 0.5}
 
 
-def measure(pipe, n: int, t_cross: int = 500, t_self: int = 300) -> dict:
+def measure(pipe, n: int, t_cross: int = 500, t_self: int = 300, samples: str | None = None) -> dict:
     r = {}
     t0 = time.time()
     r["vae_psnr_db"] = toyeval.vae_psnr(pipe, n)
-    r["adherence"], _, _ = toyeval.adherence(pipe, n)
+    r["adherence"], images, caps = toyeval.adherence(pipe, n)
+    if samples:  # a small grid of the first 16 generations with their captions
+        import matplotlib
+        matplotlib.use("Agg")
+        from helpers.plotting import show_images
+        k = min(16, len(images))
+        fig = show_images(images[:k], [c.replace(" and", "\nand").replace(", ", ",\n") for c in caps[:k]], ncols=8,
+                          size=1.3)
+        fig.savefig(samples, dpi=60)
     x = toyeval.cross_attention_iou(pipe, n, t=t_cross)
     r["xattn_iou_shape"], r["xattn_iou_colour"] = x["shape"], x["colour"]
     for k, v in toyeval.self_attention_share(pipe, n, t=t_self).items():
@@ -41,9 +49,10 @@ def main():
     ap.add_argument("--model", default="toy")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--samples", default=None, help="write a PNG grid of generated samples here")
     a = ap.parse_args()
     pipe = load_pipeline(a.model)
-    r = measure(pipe, a.n)
+    r = measure(pipe, a.n, samples=a.samples)
     r["n_scenes"] = a.n
     for k, v in r.items():
         bar = BARS.get(k)

@@ -245,7 +245,8 @@ def train(args):
     n = latents.shape[0]
     store = AttentionStore(kinds=("cross", "self"), keep_graph=True)
     unet.train(); text_encoder.train()
-    bar = tqdm(range(start, args.steps), desc="UNet + text encoder", initial=start, total=args.steps)
+    end = min(args.steps, args.stop_at or args.steps)
+    bar = tqdm(range(start, end), desc="UNet + text encoder", initial=start, total=args.steps)
     tick = time.time()
     with capture_attention(unet, store):
         for step in bar:
@@ -285,7 +286,7 @@ def train(args):
                             own=f"{own.mean().item():.3f}", ident=f"{ident.item():.2f}")
             now = time.time(); spent += now - tick; tick = now
             done = step + 1
-            if done % args.ckpt_every == 0 or done == args.steps:
+            if done % args.ckpt_every == 0 or done in (args.steps, end):
                 torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "probe": probe.state_dict(),
                             "opt": opt.state_dict(),
                             "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": done,
@@ -316,6 +317,8 @@ PARSER.add_argument("--ground", type=float, default=0.5, help="weight of the cro
 PARSER.add_argument("--colour-weight", type=float, default=2.0, help="colour token's weight inside grounding")
 PARSER.add_argument("--self-weight", type=float, default=0.3, help="weight of the self-attention own-object term")
 PARSER.add_argument("--identity", type=float, default=0.1, help="weight of the token-identity probe loss")
+PARSER.add_argument("--stop-at", type=int, default=None,
+                    help="stop (checkpointed) after this step without changing the schedule; rerun to go on")
 PARSER.add_argument("--ckpt-every", type=int, default=100)
 PARSER.add_argument("--export-every", type=int, default=1000)
 PARSER_DEFAULTS = {a.dest: a.default for a in PARSER._actions}
