@@ -292,7 +292,8 @@ def train(args):
                             "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": done,
                             "seconds": spent, "rng": torch.get_rng_state()}, ck)
             if done % args.export_every == 0 or done == args.steps:
-                meta = dict(vars(args), step=done, unet_seconds=round(spent), scaling_factor=scaling,
+                meta = dict({k: v for k, v in vars(args).items() if k not in ("out", "work")}, step=done,
+                            unet_seconds=round(spent), scaling_factor=scaling,
                             command="python -m helpers.train_toy " + " ".join(
                                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                 if k not in ("out", "work") and v != PARSER_DEFAULTS.get(k)))
