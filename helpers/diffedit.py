@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,7 +146,8 @@ def masked_diffusion(pipe, latents, mask, reference: str, query: str, strength: 
     if m.sum() == 0:
         raise ValueError("the mask is empty: nothing would be edited; lower the threshold or check the prompts")
     if (m > 0.5).float().mean() > 0.95:
-        warnings.warn("the mask covers more than 95% of the image: the edit will not preserve the input")
+        warnings.warn("the mask covers more than 95% of the image: the edit will not preserve the input",
+                      stacklevel=2)
     i0 = start_index(steps, strength)
     traj = ddim_invert(pipe, latents, reference, steps, guidance=1.0)  # x_0 … x_T along the schedule
     ts = timesteps(pipe, steps)
@@ -184,7 +186,7 @@ def average_embedding(pipe, prompts) -> torch.Tensor:
     return embed(pipe, list(prompts)).mean(0, keepdim=True)
 
 
-def latent_to_image_mask(mask: torch.Tensor, shape) -> "np.ndarray":
+def latent_to_image_mask(mask: torch.Tensor, shape) -> np.ndarray:
     """A latent-size mask -> a boolean mask at image size (nearest neighbour)."""
     m = F.interpolate(torch.as_tensor(mask).float()[None, None], size=tuple(shape), mode="nearest")[0, 0]
     return (m > 0.5).cpu().numpy()
@@ -196,7 +198,6 @@ def compare_masks(pipe, cases, methods: dict, progress: bool = True) -> dict:
     methods: name -> function(pipe, latents, case) returning a boolean latent- or image-size mask.
     """
     import time
-    import numpy as np
     from tqdm.auto import tqdm
     from .images import encode
     from .metrics import iou
@@ -254,7 +255,6 @@ def mask_methods(pipe, n_purist: int = 10, n_fast: int = 20, strength: float = 0
 
 def table_text(table: dict) -> str:
     """The comparison table as text: mean ± spread of IoU, UNet evaluations, seconds and time relative to fast."""
-    import numpy as np
     fast = next(k for k in table if k.startswith("fast ("))
     ref_s = np.mean(table[fast]["seconds"])
     lines = [f"{'method':26s} {'mask IoU':>13s} {'UNet evals':>11s} {'seconds':>8s} {'× fast':>7s}"]

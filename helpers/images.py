@@ -89,10 +89,6 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def to_numpy(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
-
-
 @torch.no_grad()
 def encode(pipe, images, sample: bool = False, generator=None) -> torch.Tensor:
     """PIL image(s), uint8 array(s) or a [-1, 1] tensor -> scaled latents (B×4×h×w), as the UNet sees them."""

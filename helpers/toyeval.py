@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import toyworld as tw
 from .attention import capture_attention, cross_maps
-from .images import decode, encode, to_numpy
+from .images import decode, encode
 from .metrics import binarise, iou, psnr
 from .sampling import add_noise, generate
 from .text import embed, token_positions

@@ -171,9 +171,9 @@ def render(objects: list[dict], background=(200, 200, 200), size: int = IMAGE_SI
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), masks
 
 
-def caption_for(objects, order=None) -> str:
-    phrases = [f"a {o['colour'] if isinstance(o, dict) else o.colour} {o['shape'] if isinstance(o, dict) else o.shape}"
-               for o in objects]
+def caption_for(objects: list[dict], order=None) -> str:
+    """"a red circle, a blue square and a green star" from object dicts, in `order` if given."""
+    phrases = [f"a {o['colour']} {o['shape']}" for o in objects]
     if order is not None:
         phrases = [phrases[i] for i in order]
     if len(phrases) == 1:
