@@ -14,8 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-
 from helpers import toyworld as tw  # noqa: E402
 from helpers.diffedit import compare_masks, mask_methods, table_text  # noqa: E402
 from helpers.images import native_size  # noqa: E402
@@ -32,10 +30,7 @@ def main():
     cases = tw.edit_cases(a.n, size=native_size(pipe))
     table = compare_masks(pipe, cases, mask_methods(pipe, seed=a.seed))
     print(f"{a.n} held-out edits ({', '.join(sorted({c.kind for c in cases}))})")
-    print(table_text(table))
-    for name, r in table.items():
-        per = {k: np.mean([v for v, c in zip(r["iou"], cases) if c.kind == k]) for k in sorted({c.kind for c in cases})}
-        print(f"  {name:26s} " + "  ".join(f"{k}: {v:.2f}" for k, v in per.items()))
+    print(table_text(table, cases))
 
 
 if __name__ == "__main__":

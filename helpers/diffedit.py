@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import (conditioning, add_noise, ddim_invert, denoise, predict_noise, start_index, timesteps, x0_from_eps)
+from .sampling import (add_noise, conditioning, ddim_invert, denoise, predict_noise, prompt_embeddings, seeded_noise,
+                       start_index, timesteps, x0_from_eps)
 
 
 def check_prompts(reference, query):
@@ -53,17 +54,6 @@ def normalise(d: torch.Tensor) -> torch.Tensor:
     return (d - d.min()) / (d.max() - d.min() + 1e-12)
 
 
-def _embed_n(pipe, prompt, n):
-    from .text import embed
-    e = embed(pipe, prompt) if isinstance(prompt, str) else prompt
-    return e.expand(n, -1, -1)
-
-
-def _draws(latents, n, seed):
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device, latents.dtype)
-
-
 @torch.no_grad()
 def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength: float = 0.5, steps: int = 50,
                 guidance: float = 7.5, seed: int = 0, progress: bool = False) -> torch.Tensor:
@@ -75,11 +65,11 @@ def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength
     _check_n(n)
     _check_latents(latents)
     i0 = start_index(steps, strength)
-    noise = _draws(latents, n, seed)
+    noise = seeded_noise((n, *latents.shape[1:]), seed, latents)
     z = latents.expand(2 * n, -1, -1, -1)
     t0 = timesteps(pipe, steps)[i0]
     noisy = add_noise(pipe, z, t0, torch.cat([noise, noise]))
-    cond = torch.cat([_embed_n(pipe, reference, n), _embed_n(pipe, query, n)])
+    cond = torch.cat([prompt_embeddings(pipe, reference, n), prompt_embeddings(pipe, query, n)])
     out = denoise(pipe, noisy, cond, steps, guidance, start=i0, progress=progress)
     return normalise((out[n:] - out[:n]).abs().mean(1).mean(0))
 
@@ -92,10 +82,10 @@ def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: 
     _check_n(n)
     _check_latents(latents)
     t = timesteps(pipe, steps)[start_index(steps, strength)]
-    noise = _draws(latents, n, seed)
+    noise = seeded_noise((n, *latents.shape[1:]), seed, latents)
     z = latents.expand(2 * n, -1, -1, -1)
     noisy = add_noise(pipe, z, t, torch.cat([noise, noise]))
-    cond = torch.cat([_embed_n(pipe, reference, n), _embed_n(pipe, query, n)])
+    cond = torch.cat([prompt_embeddings(pipe, reference, n), prompt_embeddings(pipe, query, n)])
     cond, unc = conditioning(pipe, cond, "", 2 * n)
     eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
     x0 = x0_from_eps(pipe, noisy, eps, t)
@@ -210,7 +200,7 @@ def compare_masks(pipe, cases, methods: dict, progress: bool = True) -> dict:
             with UNetCounter(pipe.unet) as c:
                 m = fn(pipe, z, case)
             out[name]["seconds"].append(time.perf_counter() - t)
-            m = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m)
+            m = torch.as_tensor(m)
             if tuple(m.shape) != case.region.shape:
                 m = torch.from_numpy(latent_to_image_mask(m, case.region.shape))
             out[name]["iou"].append(iou(m.bool().numpy(), case.region))
@@ -253,12 +243,18 @@ def mask_methods(pipe, n_purist: int = 10, n_fast: int = 20, strength: float = 0
     }
 
 
-def table_text(table: dict) -> str:
-    """The comparison table as text: mean ± spread of IoU, UNet evaluations, seconds and time relative to fast."""
+def table_text(table: dict, cases=None) -> str:
+    """The comparison table as text: mean ± spread of IoU, UNet evaluations, seconds and time relative to fast;
+    with the edit `cases` it was measured on, also each method's mean IoU per kind of edit."""
     fast = next(k for k in table if k.startswith("fast ("))
     ref_s = np.mean(table[fast]["seconds"])
     lines = [f"{'method':26s} {'mask IoU':>13s} {'UNet evals':>11s} {'seconds':>8s} {'× fast':>7s}"]
     for name, r in table.items():
         lines.append(f"{name:26s} {np.mean(r['iou']):6.2f} ± {np.std(r['iou']):.2f} {np.mean(r['evals']):11.0f} "
                      f"{np.mean(r['seconds']):8.2f} {np.mean(r['seconds']) / ref_s:7.1f}")
+    if cases is not None:
+        kinds = sorted({c.kind for c in cases})
+        for name, r in table.items():
+            lines.append(f"  {name:26s} " + "  ".join(
+                f"{k}: {np.mean([v for v, c in zip(r['iou'], cases) if c.kind == k]):.2f}" for k in kinds))
     return "\n".join(lines)

@@ -70,22 +70,31 @@ def ddim_step(pipe, latents, eps, t, t_next) -> torch.Tensor:
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
 
 
+def prompt_embeddings(pipe, prompt, n: int = 1) -> torch.Tensor:
+    """Embeddings for n samples from a string, a list of strings or ready embeddings; one prompt is repeated n times."""
+    cond = embed(pipe, prompt) if isinstance(prompt, (str, list, tuple)) else prompt
+    return cond.expand(n, -1, -1) if cond.shape[0] == 1 and n > 1 else cond
+
+
 def conditioning(pipe, prompt, negative="", n: int = 1):
     """(cond, uncond) embeddings for n samples from strings or ready embeddings; one prompt is repeated n times."""
-    cond = embed(pipe, prompt) if isinstance(prompt, (str, list, tuple)) else prompt
-    if cond.shape[0] == 1 and n > 1:
-        cond = cond.expand(n, -1, -1)
+    cond = prompt_embeddings(pipe, prompt, n)
     unc = embed(pipe, negative) if isinstance(negative, (str, list, tuple)) else negative
     if unc.shape[0] != cond.shape[0]:
         unc = unc[:1].expand(cond.shape[0], -1, -1)
     return cond, unc
 
 
+def seeded_noise(shape, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from `seed` (the same on every device), moved to `like`'s device and dtype."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=g).to(like.device, like.dtype)
+
+
 def random_latents(pipe, n: int = 1, seed: int = 0, size: int | None = None) -> torch.Tensor:
     from .images import native_size, vae_factor
     side = (size or native_size(pipe)) // vae_factor(pipe)
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(n, pipe.unet.config.in_channels, side, side, generator=g).to(pipe.device, pipe.unet.dtype)
+    return seeded_noise((n, pipe.unet.config.in_channels, side, side), seed, pipe.unet)
 
 
 @torch.no_grad()
@@ -118,8 +127,7 @@ def start_index(steps: int, strength: float) -> int:
 
 def add_noise(pipe, latents, t, noise=None, seed: int = 0) -> torch.Tensor:
     if noise is None:
-        g = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
+        noise = seeded_noise(latents.shape, seed, latents)
     return pipe.scheduler.add_noise(latents, noise, torch.as_tensor([int(t)], device=latents.device))
 
 
@@ -140,9 +148,8 @@ def img2img(pipe, latents, prompt, strength: float = 0.5, steps: int = 50, guida
 def predict_x0(pipe, latents, t, prompt, guidance: float = 1.0, noise=None, seed: int = 0, negative=""):
     """One UNet call: noise clean latents to t and return the predicted clean latents x0 (and the noise used)."""
     if noise is None:
-        g = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
-    noisy = pipe.scheduler.add_noise(latents, noise, torch.as_tensor([int(t)], device=latents.device))
+        noise = seeded_noise(latents.shape, seed, latents)
+    noisy = add_noise(pipe, latents, t, noise)
     cond, unc = conditioning(pipe, prompt, negative, latents.shape[0])
     eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
     return x0_from_eps(pipe, noisy, eps, t), noise
