@@ -15,6 +15,7 @@ notebooks and the benchmark import.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,6 +169,84 @@ CAPTION_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "{} on the backgr
 def caption_variants(caption: str, templates=CAPTION_TEMPLATES) -> list[str]:
     """Several phrasings of one caption — the offline stand-in for captions written by a language model."""
     return [t.format(caption) for t in templates]
+
+
+FLAN_T5 = "google/flan-t5-large"                       # writes captions of a concept (the diffusers DiffEdit guide)
+BLIP = "Salesforce/blip-image-captioning-base"         # captions the input image for inversion
+
+CAPTION_INSTRUCTION = ("Provide a caption for images containing a {}. "
+                       "The captions should be in English and should be no longer than 150 characters.")
+
+
+def _from_hub(cls, model_id: str, stand_in: str, **kw):
+    """`cls.from_pretrained(model_id)` with an error that names the offline stand-in instead of a hub stack trace."""
+    from .loading import _offline
+    if not Path(model_id).exists() and _offline():
+        raise RuntimeError(f"'{model_id}' is a hub id, but the hub is offline here (HF_HUB_OFFLINE=1). "
+                           f"Offline, use {stand_in} instead.")
+    try:
+        return cls.from_pretrained(model_id, **kw)
+    except OSError as e:
+        raise RuntimeError(f"Could not fetch '{model_id}' ({type(e).__name__}: {e}). Offline, use {stand_in} "
+                           "instead.") from e
+
+
+def _clean_captions(texts, n: int) -> list[str]:
+    """Strip, drop empties and repeats (keeping order), keep at most n."""
+    out = []
+    for t in texts:
+        t = " ".join(t.split()).strip()
+        if t and t not in out:
+            out.append(t)
+    return out[:n]
+
+
+def generate_captions(concept: str, n: int = 16, model=FLAN_T5, tokenizer=None, device: str | None = None,
+                      seed: int = 0, max_new_tokens: int = 64) -> list[str]:
+    """Up to n distinct captions of images showing `concept`, sampled from an instruction-tuned language model.
+
+    `model` is a hub id / folder (loaded with T5ForConditionalGeneration) or an already loaded seq2seq model (then
+    pass its `tokenizer` too). Needs the hub or a local copy: offline, `caption_variants` is the stand-in.
+    """
+    if not isinstance(concept, str) or not concept.strip():
+        raise ValueError(f"concept must be a non-empty word or phrase, got {concept!r}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if isinstance(model, (str, Path)):
+        from transformers import AutoTokenizer, T5ForConditionalGeneration
+        stand_in = "helpers.diffedit.caption_variants(caption)"
+        tokenizer = _from_hub(AutoTokenizer, str(model), stand_in)
+        model = _from_hub(T5ForConditionalGeneration, str(model), stand_in)
+    elif tokenizer is None:
+        raise ValueError("a loaded model was passed without its tokenizer: pass tokenizer= as well")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    ids = tokenizer(CAPTION_INSTRUCTION.format(concept.strip()), return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=True, top_k=10, num_return_sequences=2 * n,
+                             max_new_tokens=max_new_tokens)
+    return _clean_captions(tokenizer.batch_decode(out, skip_special_tokens=True), n)
+
+
+def caption_image(image, model=BLIP, processor=None, device: str | None = None, max_new_tokens: int = 30) -> str:
+    """One caption of a PIL image by an image-captioning model (BLIP), e.g. the source prompt for `invert`.
+
+    Offline, the toy world's own caption (`scene.caption`) is the stand-in.
+    """
+    if isinstance(model, (str, Path)):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+        stand_in = "the toy world's own caption (scene.caption)"
+        processor = _from_hub(BlipProcessor, str(model), stand_in)
+        model = _from_hub(BlipForConditionalGeneration, str(model), stand_in)
+    elif processor is None:
+        raise ValueError("a loaded model was passed without its processor: pass processor= as well")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    inputs = processor(images=image, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return _clean_captions(processor.batch_decode(out, skip_special_tokens=True), 1)[0]
 
 
 def average_embedding(pipe, prompts) -> torch.Tensor:

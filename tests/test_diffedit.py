@@ -90,3 +90,47 @@ def test_fast_mask_finds_the_edited_object(pipe):
     (r,) = table.values()
     assert len(r["iou"]) == 6 and all(e == 80 for e in r["evals"])
     assert np.mean(r["iou"]) >= 0.35
+
+
+# --- captions written by models (Flan-T5, BLIP) on a GPU; offline the toy world's captions stand in -------------
+class _FakeTokenizer:
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, text, return_tensors=None):
+        self.seen.append(text)
+        return type("Enc", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})()
+
+    def batch_decode(self, out, skip_special_tokens=True):
+        return [f" a  photo of a cat {int(i) % 3} " if int(i) % 4 else "" for i in out[:, 0]]
+
+
+class _FakeSeq2Seq:
+    def to(self, device):
+        return self
+
+    def generate(self, ids=None, num_return_sequences=1, **kw):
+        return torch.arange(num_return_sequences)[:, None]
+
+
+def test_generate_captions_asks_for_the_concept_and_returns_distinct_captions():
+    from helpers.diffedit import generate_captions
+    tok = _FakeTokenizer()
+    caps = generate_captions("cat", n=2, model=_FakeSeq2Seq(), tokenizer=tok, device="cpu")
+    assert "containing a cat" in tok.seen[0]
+    assert caps == ["a photo of a cat 1", "a photo of a cat 2"]  # blanks dropped, spaces squeezed, n kept
+    caps = generate_captions("cat", n=10, model=_FakeSeq2Seq(), tokenizer=tok, device="cpu")
+    assert len(caps) == len(set(caps)) == 3  # only three distinct texts exist: repeats are removed
+
+
+def test_caption_models_offline_name_the_stand_in(monkeypatch):
+    from helpers.diffedit import caption_image, generate_captions
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="caption_variants"):
+        generate_captions("cat")
+    with pytest.raises(RuntimeError, match="scene.caption"):
+        caption_image(None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate_captions("cat", model=_FakeSeq2Seq())
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_captions("  ", model=_FakeSeq2Seq(), tokenizer=_FakeTokenizer())
