@@ -6,6 +6,8 @@ splits into several pieces.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -52,15 +54,26 @@ def _pieces(tokenizer, text: str) -> list[tuple[str, list[int]]]:
     return out
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    from .toytokenizer import _bytes_to_unicode
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
 def _to_text(tokens: list[str]) -> str:
     """CLIP BPE pieces -> the text they spell (end-of-word markers removed, byte symbols decoded)."""
-    from .toytokenizer import _bytes_to_unicode
-    inverse = {c: b for b, c in _bytes_to_unicode().items()}
+    inverse = _unicode_to_bytes()
     s = "".join(tokens).replace("</w>", "")
     try:
         return bytes(inverse[c] for c in s).decode("utf-8", errors="replace")
     except KeyError:  # not a byte-level vocabulary: show the pieces as they are
         return s
+
+
+def word_tokens(tokenizer, text: str) -> list[tuple[str, list[str]]]:
+    """Each word of `text` with the tokens the tokenizer makes of it, e.g. [("zebra", ["ze", "bra</w>"])]."""
+    toks = tokenizer.tokenize(text)
+    return [(w, [toks[i] for i in idx]) for w, idx in _pieces(tokenizer, text)]
 
 
 def prompt_words(tokenizer, prompt: str) -> list[str]:
