@@ -198,7 +198,7 @@ def main(argv=None):
         run(a.out, a.category, a.n, a.prompt, a.model, a.steps, a.guidance, a.threshold, a.seed, a.batch,
             a.embeddings)
     except (DifferentRun, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -194,13 +194,10 @@ def kl_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tenso
     return out
 
 
-SMALL = 2**18  # attention tensors up to this many numbers (1 MB in float32; the toy model's: 65 536) go in one block
-
-
 def default_chunk(x: torch.Tensor) -> int:
-    """Rows per block: all of them for small tensors (where chunking costs time and saves no meaningful memory),
-    else 1/32 of the rows, so each block holds 1/32 of the tensor (SD 1.x: 128 rows of 4096)."""
-    return x.shape[0] if x.numel() <= SMALL else max(32, x.shape[0] // 32)
+    """Rows per block: 1/32 of the rows, at least 32 (SD 1.x: 128 of 4096; the toy model: 32 of 256), so merging's
+    working memory stays below twice the attention tensor at every size (`bench/diffseg_merge.py` measures it)."""
+    return min(x.shape[0], max(32, x.shape[0] // 32))
 
 
 def kl_within(a: torch.Tensor, b: torch.Tensor, threshold: float, chunk: int | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .sampling import UNetCounter, ddim_invert, ddim_step, predict_noise, prompt_embeddings, timesteps
+from .sampling import UNetCounter, ddim_invert, ddim_step, denoise, prompt_embeddings, timesteps
 from .text import embed
 
 # The reference schedule (Mokady et al.'s code): per-step Adam, lr 1e-2·(1 − i/100), ≤ 10 inner iterations,
@@ -241,16 +241,8 @@ def reconstruct(pipe, inv: Inversion, prompt=None, guidance: float | None = None
     x = inv.latents[-1].to(pipe.device, pipe.unet.dtype)
     x = x.expand(n, -1, -1, -1).clone() if x.shape[0] != n else x
     cond = prompt_embeddings(pipe, prompt, n).to(pipe.unet.dtype)
-    ts = timesteps(pipe, inv.steps)
-    step_ratio = pipe.scheduler.config.num_train_timesteps // inv.steps
-    for i in range(n_steps):
-        t = ts[i]
-        unc = unconditional_for(pipe, inv, i, n).to(pipe.unet.dtype)
-        eps = predict_noise(pipe, x, t, cond, unc, guidance)
-        x = ddim_step(pipe, x, eps, t, int(t) - step_ratio)
-        if callback is not None:
-            out = callback(i, t, x)
-            x = out if out is not None else x
+    x = denoise(pipe, x, cond, inv.steps, guidance, stop=n_steps, callback=callback,
+                negative=lambda i: unconditional_for(pipe, inv, i, n).to(pipe.unet.dtype))
     return x
 
 

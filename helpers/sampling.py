@@ -99,17 +99,21 @@ def random_latents(pipe, n: int = 1, seed: int = 0, size: int | None = None) -> 
 
 @torch.no_grad()
 def denoise(pipe, latents, prompt, steps: int = 25, guidance: float = 7.5, start: int = 0, negative="",
-            callback=None, progress: bool = False) -> torch.Tensor:
-    """DDIM-denoise `latents` from step index `start` of a `steps`-step schedule to the end.
+            callback=None, progress: bool = False, stop: int | None = None) -> torch.Tensor:
+    """DDIM-denoise `latents` from step index `start` of a `steps`-step schedule to the end (or to `stop`).
 
-    prompt/negative: strings or embeddings. callback(i, t, latents) is called after each step (it may return new
-    latents, e.g. to blend with a mask).
+    prompt/negative: strings or embeddings; `negative` may also be a function i -> embedding, a different
+    unconditional embedding per step (null-text inversion learns one). callback(i, t, latents) is called after each
+    step (it may return new latents, e.g. to blend with a mask).
     """
     ts = timesteps(pipe, steps)
-    cond, unc = conditioning(pipe, prompt, negative, latents.shape[0])
+    per_step = negative if callable(negative) else None
+    cond, unc = conditioning(pipe, prompt, "" if per_step else negative, latents.shape[0])
     step_ratio = pipe.scheduler.config.num_train_timesteps // steps
-    for i in tqdm(range(start, len(ts)), desc="denoise", disable=not progress, leave=False):
+    for i in tqdm(range(start, len(ts) if stop is None else stop), desc="denoise", disable=not progress, leave=False):
         t = ts[i]
+        if per_step is not None:
+            unc = per_step(i)
         eps = predict_noise(pipe, latents, t, cond, unc, guidance)
         latents = ddim_step(pipe, latents, eps, t, int(t) - step_ratio)
         if callback is not None:

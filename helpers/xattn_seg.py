@@ -233,7 +233,7 @@ def _score_store(pipe, store, scenes, res: Result, size, threshold, background):
         m = cross_maps(store, size, steps=[s], tokens=n_tok)
         res.per_step.setdefault(s, []).extend(
             x for b, sc in enumerate(scenes) for x in score_scene(pipe.tokenizer, sc, m[b], threshold)["shape"])
-    for kind, hw in store.keys():
+    for _kind, hw in store.keys():
         m = cross_maps(store, size, resolutions=[hw], tokens=n_tok)
         res.per_resolution.setdefault(hw, []).extend(
             x for b, sc in enumerate(scenes) for x in score_scene(pipe.tokenizer, sc, m[b], threshold)["shape"])

@@ -11,6 +11,14 @@ from helpers.text import embed
 
 
 @pytest.fixture(scope="module")
+def pipe():
+    """A pipeline of this module's own: textual inversion adds tokens to its tokenizer and text encoder, which must
+    not leak into the session-wide `pipe` other test files share (they check the bundled vocabulary)."""
+    from helpers.loading import load_pipeline
+    return load_pipeline("toy")
+
+
+@pytest.fixture(scope="module")
 def real():
     ims, ms, cols = ad.real_examples("star", 2)
     return ims, ms, cols
