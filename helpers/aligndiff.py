@@ -83,31 +83,30 @@ def has(sc: tw.Scene, category: str, min_pixels: int = 20) -> bool:
     return int(sc.mask_of(category).sum()) >= min_pixels
 
 
+def _scenes_showing(category: str, n: int, split, start: int, size: int):
+    """The first n scenes of a split (tw.train_scene / tw.heldout_scene) from `start` that show the category."""
+    found, i = [], start
+    while len(found) < n:
+        sc = split(i, size=size)
+        i += 1
+        if has(sc, category):
+            found.append(sc)
+    return found
+
+
 def real_examples(category: str, k: int, start: int = 0, size: int = tw.IMAGE_SIZE):
     """The first k training scenes from `start` that show the category (the segmenter's only real data of it).
 
     Returns (images, masks, colours): the colour of the category's object in each (toy world ground truth)."""
-    ims, ms, cols = [], [], []
-    i = start
-    while len(ims) < k:
-        sc = tw.train_scene(i, size=size)
-        i += 1
-        if has(sc, category):
-            ims.append(sc.image); ms.append(sc.mask_of(category))
-            cols.append(next(o.colour for o in sc.objects if o.shape == category))
-    return ims, ms, cols
+    scenes = _scenes_showing(category, k, tw.train_scene, start, size)
+    return ([sc.image for sc in scenes], [sc.mask_of(category) for sc in scenes],
+            [next(o.colour for o in sc.objects if o.shape == category) for sc in scenes])
 
 
 def test_scenes(category: str, n: int, start: int = 0, size: int = tw.IMAGE_SIZE):
     """n held-out scenes that show the category (other shapes appear in them as distractors): images, masks."""
-    ims, ms = [], []
-    i = start
-    while len(ims) < n:
-        sc = tw.heldout_scene(i, size=size)
-        i += 1
-        if has(sc, category):
-            ims.append(sc.image); ms.append(sc.mask_of(category))
-    return np.stack(ims), np.stack(ms)
+    scenes = _scenes_showing(category, n, tw.heldout_scene, start, size)
+    return np.stack([sc.image for sc in scenes]), np.stack([sc.mask_of(category) for sc in scenes])
 
 
 def colour_mask(image: np.ndarray, colour: str, max_dist: float = 60.0) -> np.ndarray:

@@ -191,6 +191,22 @@ def _from_hub(cls, model_id: str, stand_in: str, **kw):
                            "instead.") from e
 
 
+def _captioner(model, helper, what: str, device, stand_in: str):
+    """(model on device, its tokenizer/processor, device): loaded from a hub id or folder, or the objects passed."""
+    if isinstance(model, (str, Path)):
+        import transformers
+        if what == "tokenizer":
+            helper_cls, model_cls = transformers.AutoTokenizer, transformers.T5ForConditionalGeneration
+        else:
+            helper_cls, model_cls = transformers.BlipProcessor, transformers.BlipForConditionalGeneration
+        helper = _from_hub(helper_cls, str(model), stand_in)
+        model = _from_hub(model_cls, str(model), stand_in)
+    elif helper is None:
+        raise ValueError(f"a loaded model was passed without its {what}: pass {what}= as well")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), helper, device
+
+
 def _clean_captions(texts, n: int) -> list[str]:
     """Strip, drop empties and repeats (keeping order), keep at most n."""
     out = []
@@ -212,15 +228,8 @@ def generate_captions(concept: str, n: int = 16, model=FLAN_T5, tokenizer=None, 
         raise ValueError(f"concept must be a non-empty word or phrase, got {concept!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if isinstance(model, (str, Path)):
-        from transformers import AutoTokenizer, T5ForConditionalGeneration
-        stand_in = "helpers.diffedit.caption_variants(caption)"
-        tokenizer = _from_hub(AutoTokenizer, str(model), stand_in)
-        model = _from_hub(T5ForConditionalGeneration, str(model), stand_in)
-    elif tokenizer is None:
-        raise ValueError("a loaded model was passed without its tokenizer: pass tokenizer= as well")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    model, tokenizer, device = _captioner(model, tokenizer, "tokenizer", device,
+                                          "helpers.diffedit.caption_variants(caption)")
     ids = tokenizer(CAPTION_INSTRUCTION.format(concept.strip()), return_tensors="pt").input_ids.to(device)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -234,15 +243,8 @@ def caption_image(image, model=BLIP, processor=None, device: str | None = None, 
 
     Offline, the toy world's own caption (`scene.caption`) is the stand-in.
     """
-    if isinstance(model, (str, Path)):
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-        stand_in = "the toy world's own caption (scene.caption)"
-        processor = _from_hub(BlipProcessor, str(model), stand_in)
-        model = _from_hub(BlipForConditionalGeneration, str(model), stand_in)
-    elif processor is None:
-        raise ValueError("a loaded model was passed without its processor: pass processor= as well")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    model, processor, device = _captioner(model, processor, "processor", device,
+                                          "the toy world's own caption (scene.caption)")
     inputs = processor(images=image, return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens)
