@@ -24,6 +24,7 @@ from . import toyworld as tw
 from .attention import AttentionStore, capture_attention
 from .images import encode, decode, native_size, vae_factor
 from .metrics import iou
+from .toyworld import colour_mask
 from .sampling import add_noise, denoise, seeded_noise
 from .text import embed
 
@@ -107,12 +108,6 @@ def test_scenes(category: str, n: int, start: int = 0, size: int = tw.IMAGE_SIZE
     """n held-out scenes that show the category (other shapes appear in them as distractors): images, masks."""
     scenes = _scenes_showing(category, n, tw.heldout_scene, start, size)
     return np.stack([sc.image for sc in scenes]), np.stack([sc.mask_of(category) for sc in scenes])
-
-
-def colour_mask(image: np.ndarray, colour: str, max_dist: float = 60.0) -> np.ndarray:
-    """Pixels within `max_dist` (RGB) of a palette colour: the ground truth of a generated toy object of that colour."""
-    ref = np.array(tw.COLOURS[colour], np.float32)
-    return np.linalg.norm(image.astype(np.float32) - ref, axis=-1) < max_dist
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .sampling import (add_noise, conditioning, ddim_invert, denoise, predict_noise, prompt_embeddings, seeded_noise,
                        start_index, timesteps, x0_from_eps)
+from .metrics import normalise  # also imported from here by notebooks 01-02
 
 
 def check_prompts(reference, query):
@@ -48,11 +49,6 @@ def _check_latents(latents: torch.Tensor):
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"expected the latents of one image (1×C×h×w), got shape {tuple(latents.shape)}; "
                          "use helpers.images.encode(pipe, image)")
-
-
-def normalise(d: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise a map to [0, 1]."""
-    return (d - d.min()) / (d.max() - d.min() + 1e-12)
 
 
 @torch.no_grad()

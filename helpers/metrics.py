@@ -120,6 +120,15 @@ class SegmentationScore:
         return self.correct / max(self.total, 1)
 
 
+def normalise(heat) -> torch.Tensor:
+    """Min-max normalise a map (or each map of a stack along dim 0) to [0, 1], in float32."""
+    h = torch.as_tensor(heat, dtype=torch.float32)
+    flat = h.reshape(h.shape[0], -1) if h.ndim == 3 else h.reshape(1, -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    shape = (-1, 1, 1) if h.ndim == 3 else ()
+    return (h - lo.reshape(shape)) / (hi - lo).clamp(min=1e-12).reshape(shape)
+
+
 def binarise(heat, threshold: float | str = 0.5) -> np.ndarray:
     """Normalise a heat map to [0, 1] (min-max) and threshold it; threshold "otsu" picks it by Otsu's method."""
     h = _np(heat).astype(np.float64)

@@ -258,15 +258,19 @@ def colour_masses(image: np.ndarray, max_dist: float = 60.0) -> dict[str, float]
     return {c: float(np.mean(close & (nearest == i))) for i, c in enumerate(names)}
 
 
-def colour_fraction(image: np.ndarray, mask: np.ndarray, colour: str, max_dist: float = 60.0) -> float:
-    """Share of the pixels under `mask` whose colour is within `max_dist` of the palette colour `colour`."""
+def colour_mask(image: np.ndarray, colour: str, max_dist: float = 60.0) -> np.ndarray:
+    """Pixels within `max_dist` (RGB) of a palette colour: the ground truth of a generated toy object of that colour."""
     if colour not in COLOURS:
         raise ValueError(f"unknown colour '{colour}'; choose from {COLOUR_NAMES}")
+    return np.linalg.norm(image.astype(np.float32) - np.array(COLOURS[colour], np.float32), axis=-1) < max_dist
+
+
+def colour_fraction(image: np.ndarray, mask: np.ndarray, colour: str, max_dist: float = 60.0) -> float:
+    """Share of the pixels under `mask` whose colour is within `max_dist` of the palette colour `colour`."""
     m = np.asarray(mask, dtype=bool)
     if m.shape != image.shape[:2]:
         raise ValueError(f"mask {m.shape} and image {image.shape[:2]} differ in size")
-    px = image[m].astype(np.float32)
-    return float(np.mean(np.linalg.norm(px - np.array(COLOURS[colour], np.float32), axis=-1) < max_dist)) if m.any() else 0.0
+    return float(colour_mask(image, colour, max_dist)[m].mean()) if m.any() else 0.0
 
 
 def colours_in_caption(caption: str) -> set[str]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_attention, cross_maps, word_heatmap
 from .images import encode, vae_factor
-from .metrics import binarise, iou
+from .metrics import binarise, iou, normalise
 from .sampling import UNetCounter, add_noise, denoise, start_index, timesteps
 from .text import embed, token_positions
 
@@ -84,15 +84,6 @@ def trace(pipe, prompt: str | None = None, half: str = "cond", **store_kw):
 
 
 # -- from heat maps to masks -----------------------------------------------------------------------------------------
-def normalise(heat) -> torch.Tensor:
-    """Min-max normalise a heat map (or each map of a stack along dim 0) to [0, 1]."""
-    h = torch.as_tensor(heat, dtype=torch.float32)
-    flat = h.reshape(h.shape[0], -1) if h.ndim == 3 else h.reshape(1, -1)
-    lo, hi = flat.min(1).values, flat.max(1).values
-    shape = (-1, 1, 1) if h.ndim == 3 else ()
-    return (h - lo.reshape(shape)) / (hi - lo).clamp(min=1e-12).reshape(shape)
-
-
 def word_masks(heat: dict, threshold: float | str = 0.5) -> dict:
     """{word: bool mask}: each word's heat map min-max normalised and thresholded (a number or "otsu")."""
     return {w: binarise(h, threshold) for w, h in heat.items()}
