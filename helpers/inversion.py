@@ -111,7 +111,7 @@ def _fp32_view(pipe, fp16: str):
 
 def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float = 7.5, inner_steps: int = 10,
                         early_stop: bool = True, progress: bool = True, fp16: str = "upcast",
-                        **schedule_options) -> Inversion:
+                        n_steps: int | None = None, **schedule_options) -> Inversion:
     """Null-text inversion with the reference schedule; `schedule_options` select cheaper variants.
 
     Pivot: DDIM inversion under the prompt at guidance 1. Then for each sampling step i (from noise to image) a fresh
@@ -119,7 +119,8 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
     MSE(one guided DDIM step, pivot latent of the next step), stopping early when the loss falls below
     tol_scale·(tol + i·tol_slope); the latent then advances with the optimised embedding, which also starts the next
     step. The optimisation runs in float32; a half-precision UNet is upcast (a temporary fp32 copy, with a
-    warning) or refused (`fp16="refuse"`).
+    warning) or refused (`fp16="refuse"`). n_steps: find null embeddings only for the first n sampling steps (when
+    only those will be sampled, e.g. to read their attention); `reconstruct` then runs at most n_steps.
 
     schedule_options (defaults = the reference, `REFERENCE_SCHEDULE`):
       lr, lr_decay, tol, tol_slope, tol_scale — the optimiser and the early-stopping bar;
@@ -138,6 +139,8 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
     _check_steps(steps)
     if latents.shape[0] != 1:
         raise ValueError(f"null-text inversion optimises one image at a time; got a batch of {latents.shape[0]}")
+    if n_steps is not None and not (isinstance(n_steps, int) and 1 <= n_steps <= steps):
+        raise ValueError(f"n_steps must be an integer in [1, {steps}] (or None for all steps), not {n_steps!r}")
     work = _fp32_view(pipe, fp16)
     unet = work.unet
     t_start = time.perf_counter()
@@ -150,8 +153,9 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
         step_ratio = pipe.scheduler.config.num_train_timesteps // steps
         x = pivot[-1]
         nulls, losses = [], []
-        bar = tqdm(total=steps * opt["inner_steps"], desc="null-text inversion", disable=not progress, leave=False)
-        for i, t in enumerate(ts):
+        bar = tqdm(total=len(ts[:n_steps]) * opt["inner_steps"], desc="null-text inversion", disable=not progress,
+                   leave=False)
+        for i, t in enumerate(ts[:n_steps]):
             target, t_next = pivot[-2 - i], int(t) - step_ratio
             with torch.no_grad():
                 eps_c = unet(x, t, encoder_hidden_states=cond).sample
@@ -235,6 +239,10 @@ def reconstruct(pipe, inv: Inversion, prompt=None, guidance: float | None = None
         n_steps = inv.steps
     if not isinstance(n_steps, int) or not 0 <= n_steps <= inv.steps:
         raise ValueError(f"n_steps must be an integer in [0, {inv.steps}] (the inversion's step count), not {n_steps!r}")
+    if inv.null_embeddings is not None and n_steps > len(inv.null_embeddings):
+        raise ValueError(f"this null-text inversion holds embeddings for its first {len(inv.null_embeddings)} "
+                         f"sampling steps only (it was run with n_steps={len(inv.null_embeddings)}); sample at most "
+                         f"that many, or invert again without n_steps")
     prompt = inv.prompt if prompt is None else prompt
     guidance = inv.guidance if guidance is None else guidance
     n = len(prompt) if isinstance(prompt, (list, tuple)) else (prompt.shape[0] if isinstance(prompt, torch.Tensor) else 1)

@@ -177,11 +177,11 @@ def capture_tuning_free(pipe, latents, captions, strength: float = 0.1, steps: i
 def invert(pipe, latents, caption: str, steps: int = 50, guidance: float = 7.5, n_steps: int = 5,
            method: str = "null-text"):
     """Invert one image for the tuning variant. Null-text inversion only needs its first `n_steps` null embeddings
-    here (only those steps are sampled), so the others are not optimised; "negative-prompt" skips optimising."""
+    here (only those steps are sampled), so no others are computed; "negative-prompt" skips optimising."""
     from .inversion import negative_prompt_inversion, null_text_inversion
     if method == "null-text":
         return null_text_inversion(pipe, latents, caption, steps=steps, guidance=guidance, progress=False,
-                                   optimise_steps=n_steps)
+                                   n_steps=n_steps)
     if method == "negative-prompt":
         return negative_prompt_inversion(pipe, latents, caption, steps=steps, guidance=guidance)
     raise ValueError(f"method must be 'null-text' or 'negative-prompt', not {method!r}")

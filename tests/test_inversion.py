@@ -102,6 +102,18 @@ def test_different_step_count_is_refused(pipe, scene_latents, nti):
         reconstruct(pipe, nti, n_steps=STEPS + 1)
 
 
+def test_inverting_for_the_first_steps_only(pipe, scene_latents, nti):
+    prompt, z = scene_latents
+    part = null_text_inversion(pipe, z, prompt, steps=STEPS, guidance=7.5, progress=False, n_steps=2)
+    assert len(part.null_embeddings) == 2 and part.evals < nti.evals
+    # the first two steps are optimised exactly as in the full inversion, so sampling them gives the same latents
+    assert torch.allclose(reconstruct(pipe, part, n_steps=2), reconstruct(pipe, nti, n_steps=2), atol=1e-5)
+    with pytest.raises(ValueError, match="first 2 sampling steps only"):
+        reconstruct(pipe, part)
+    with pytest.raises(ValueError, match="n_steps must be an integer"):
+        null_text_inversion(pipe, z, prompt, steps=STEPS, progress=False, n_steps=STEPS + 1)
+
+
 def test_fp16_unet_is_upcast_with_a_warning_or_refused(pipe, scene_latents):
     prompt, z = scene_latents
     half = SimpleNamespace(unet=copy.deepcopy(pipe.unet).half(), scheduler=pipe.scheduler, tokenizer=pipe.tokenizer,
