@@ -29,6 +29,10 @@ IMAGE_SIZE = 64
 HELDOUT_SEED_BASE = 10**8
 MAX_OBJECTS = 3
 SUPERSAMPLE = 4
+OBJECT_RADIUS = (0.12, 0.22)  # of the image size
+STAR_INNER = 0.62  # star's inner radius ÷ r (version 1 of the world: 0.5, spikes too thin for 16×16 latents)
+TRIANGLE_OUTER = 1.3  # triangle's corner distance ÷ r (version 1: 1.15)
+WORLD_VERSION = 3  # bump whenever scenes change: train_toy refuses to resume checkpoints of another version
 
 
 @dataclass
@@ -116,13 +120,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(rr * math.cos(angle + offs + 2 * math.pi * i / k), rr * math.sin(angle + offs + 2 * math.pi * i / k))
                for i in range(k)]
     elif shape == "triangle":
-        rr = r * 1.15
+        rr = r * TRIANGLE_OUTER
         pts = [(rr * math.cos(angle - math.pi / 2 + 2 * math.pi * i / 3),
                 rr * math.sin(angle - math.pi / 2 + 2 * math.pi * i / 3)) for i in range(3)]
     elif shape == "star":
         pts = []
         for i in range(10):
-            rr = r * 1.15 if i % 2 == 0 else r * 0.5
+            rr = r * 1.15 if i % 2 == 0 else r * STAR_INNER
             a = angle - math.pi / 2 + math.pi * i / 5
             pts.append((rr * math.cos(a), rr * math.sin(a)))
     else:
@@ -193,13 +197,20 @@ def scene(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE) -> Sc
     colours = rng.permutation(len(COLOURS))[:n]  # distinct colours: each colour word names one object
     objs: list[dict] = []
     for i in range(n):
+        best = None
         for _attempt in range(50):
-            r = float(rng.uniform(0.12, 0.22) * size)
+            r = float(rng.uniform(*OBJECT_RADIUS) * size)
             cx = float(rng.uniform(r, size - r))
             cy = float(rng.uniform(r, size - r))
             # keep objects mostly apart: centre distance > 0.9 × sum of radii
-            if all(math.hypot(cx - o["centre"][0], cy - o["centre"][1]) > 0.9 * (r + o["radius"]) for o in objs):
+            gap = min((math.hypot(cx - o["centre"][0], cy - o["centre"][1]) / (r + o["radius"]) for o in objs),
+                      default=1.0)
+            if best is None or gap > best[0]:
+                best = (gap, r, cx, cy)
+            if gap > 0.9:
                 break
+        else:  # no place found in 50 tries (rare, crowded three-object scenes): take the least overlapping one
+            _, r, cx, cy = best
         objs.append(dict(shape=SHAPES[int(rng.integers(len(SHAPES)))], colour=COLOUR_NAMES[int(colours[i])],
                          centre=(cx, cy), radius=r, angle=float(rng.uniform(0, 2 * math.pi))))
     texture_seed = int(rng.integers(2**31))

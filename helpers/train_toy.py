@@ -204,9 +204,25 @@ def export(out: Path, vae, unet, text_encoder, tok, scaling_factor: float, meta:
     (out / "training.json").write_text(json.dumps(meta, indent=1))
 
 
+def check_world(work: Path):
+    """Checkpoints and cached latents belong to one version of the toy world; refuse to mix versions."""
+    marker = work / "world-version.txt"
+    stale = [p.name for p in (work / "vae.pt", work / "unet.pt", *work.glob("latents_*.pt")) if p.exists()]
+    if marker.exists():
+        found = marker.read_text().strip()
+    else:
+        found = "1 (no marker)" if stale else None
+    if found is not None and found != str(tw.WORLD_VERSION):
+        raise SystemExit(f"{work} holds checkpoints of toy-world version {found} ({', '.join(stale) or 'none'}), "
+                         f"but the world is now version {tw.WORLD_VERSION}. Delete that folder or pass another "
+                         f"--work to train from scratch.")
+    marker.write_text(str(tw.WORLD_VERSION))
+
+
 def train(args):
     torch.manual_seed(args.seed)
     work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
+    check_world(work)
     out = Path(args.out)
     tok_dir = write_tokenizer(work / "tokenizer")
     t0 = time.time()

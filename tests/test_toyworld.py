@@ -98,3 +98,21 @@ def test_edit_cases_cover_kinds_and_carry_ground_truth():
         assert c.region.sum() > 30
     assert len(cases[2].scene.objects) == 3
     assert tw.edit_cases(3)[1].query == cases[1].query  # deterministic
+
+
+def test_objects_have_the_documented_sizes_and_stay_mostly_apart():
+    import math
+    lo, hi = tw.OBJECT_RADIUS
+    worst = 1.0
+    for seed in range(300):
+        sc = tw.scene(seed, n_objects=3)
+        for o in sc.objects:
+            assert lo * tw.IMAGE_SIZE <= o.radius <= hi * tw.IMAGE_SIZE
+            assert o.mask.sum() > 0  # no object hidden entirely behind another
+        for a in sc.objects:
+            for b in sc.objects:
+                if a is not b:
+                    worst = min(worst, math.hypot(a.centre[0] - b.centre[0], a.centre[1] - b.centre[1])
+                                / (a.radius + b.radius))
+    # the placement retries 50 times for a gap > 0.9 x the radii, and otherwise takes the least overlapping try
+    assert worst > 0.5
