@@ -243,5 +243,7 @@ def test_refine_accepts_agreeing_samples_and_pseudo_labels_the_rest(real):
 # -- the tiny segmenter ---------------------------------------------------------------------------------------------
 def test_tiny_segmenter_learns_a_shape_from_scenes():
     ims, ms = ad.test_scenes("circle", 24, start=500)
-    net = ad.train_segmenter(ims[:16], ms[:16], steps=150, batch=8, progress=False)
-    assert ad.evaluate_segmenter(net, ims[16:], ms[16:]) > 0.4
+    net = ad.train_segmenter(ims[:16], ms[:16], steps=300, batch=8, progress=False)
+    whole_image = float(np.mean([m.mean() for m in ms[16:]]))  # IoU of predicting "circle" everywhere
+    # measured 0.38-0.59 over three scene sets (16 training scenes are few; 150 steps gave 0.30-0.50)
+    assert ad.evaluate_segmenter(net, ims[16:], ms[16:]) > max(0.3, 3 * whole_image)
