@@ -309,7 +309,7 @@ def train(args):
                             "seconds": spent, "rng": torch.get_rng_state()}, ck)
             if done % args.export_every == 0 or done == args.steps:
                 meta = dict({k: v for k, v in vars(args).items() if k not in ("out", "work")}, step=done,
-                            unet_seconds=round(spent), scaling_factor=scaling,
+                            unet_seconds=round(spent), scaling_factor=scaling, world_version=tw.WORLD_VERSION,
                             command="python -m helpers.train_toy " + " ".join(
                                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                 if k not in ("out", "work") and v != PARSER_DEFAULTS.get(k)))

@@ -14,7 +14,7 @@ def test_tiny_run_exports_a_loadable_pipeline_and_resumes(tmp_path):
             "--batch", "4", "--ckpt-every", "1", "--export-every", "100"]
     train(PARSER.parse_args(args + ["--steps", "2"]))
     meta = json.loads((out / "training.json").read_text())
-    assert meta["step"] == 2
+    assert meta["step"] == 2 and meta["world_version"] == tw.WORLD_VERSION
     train(PARSER.parse_args(args + ["--steps", "3"]))  # resumes from the step-2 checkpoint
     assert json.loads((out / "training.json").read_text())["step"] == 3
     assert torch.load(work / "unet.pt", weights_only=False)["step"] == 3
@@ -78,3 +78,12 @@ def test_same_seed_same_model(tmp_path):
     for part, weights in runs[0].items():
         assert weights.keys() == runs[1][part].keys()
         assert all(torch.equal(w, runs[1][part][k]) for k, w in weights.items()), part
+
+
+def test_bundled_model_was_trained_on_this_world():
+    """A change to the toy world must come with a retrained model: every measured number depends on both."""
+    from helpers.loading import BUNDLED
+    meta = json.loads((BUNDLED / "training.json").read_text())
+    assert meta.get("world_version") == tw.WORLD_VERSION, (
+        f"data/toy-sd was trained on toy-world version {meta.get('world_version')}, the code draws version "
+        f"{tw.WORLD_VERSION}: retrain with `python -m helpers.train_toy` and re-run the model card benchmark")
