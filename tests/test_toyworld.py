@@ -116,3 +116,41 @@ def test_objects_have_the_documented_sizes_and_stay_mostly_apart():
                                 / (a.radius + b.radius))
     # the placement retries 50 times for a gap > 0.9 x the radii, and otherwise takes the least overlapping try
     assert worst > 0.5
+
+
+def test_detector_finds_each_shape_and_colour_of_single_objects():
+    from collections import Counter
+    wrong = Counter()
+    for i in range(80):
+        sc = tw.heldout_scene(5000 + i, n_objects=1)
+        o = sc.objects[0]
+        f = tw.object_in(sc.image, o.mask)
+        if f is None or (f.shape, f.colour) != (o.shape, o.colour):
+            wrong[o.shape] += 1
+    assert sum(wrong.values()) <= 2, wrong
+
+
+def test_detector_says_no_object_on_an_empty_background():
+    sc = tw.heldout_scene(3, n_objects=1)
+    empty = np.full_like(sc.image, 200)
+    assert tw.find_objects(empty) == []
+    assert tw.object_in(empty, sc.objects[0].mask) is None
+    v = tw.edit_verdict(empty, sc.objects[0].mask, colour="red")
+    assert not v.success and v.found is None and "no object" in v.reason
+
+
+def test_edit_verdict_checks_colour_and_shape():
+    sc = tw.heldout_scene(11, n_objects=1)
+    o = sc.objects[0]
+    other = next(c for c in tw.COLOUR_NAMES if c != o.colour)
+    assert tw.edit_verdict(sc.image, o.mask, colour=o.colour).success
+    v = tw.edit_verdict(sc.image, o.mask, colour=other)
+    assert not v.success and o.colour in v.reason
+    recoloured = tw.with_colour(sc, 0, other)
+    assert tw.edit_verdict(recoloured.image, o.mask, colour=other, shape=o.shape).success
+    wrong_shape = next(s for s in tw.SHAPES if s != o.shape)
+    assert not tw.edit_verdict(sc.image, o.mask, shape=wrong_shape).success
+    with pytest.raises(ValueError, match="unknown colour"):
+        tw.edit_verdict(sc.image, o.mask, colour="purple")
+    with pytest.raises(ValueError, match="uint8"):
+        tw.find_objects(sc.image.astype(np.float32))
