@@ -26,11 +26,12 @@ unlabelled pixels (255, or ids outside the mapping) are ignored. Images and labe
 and resized to the model's native size (512 px for SD 1.x): images bilinearly, labels by nearest neighbour, as the
 reference does. Files are paired by name and sorted, never by two separate directory listings.
 
-Scores: the reference's own counting (per image: a class × segment overlap histogram over all n classes, Hungarian
-matching maximising overlap, true/false positives and false negatives per class; mIoU = mean over classes of
-TP / (TP + FP + FN), accuracy = TP / labelled pixels), and `helpers.metrics.SegmentationScore` beside it. They differ
-in one detail: the reference matches segments to all n classes, so a surplus segment may be matched to a class absent
-from the image and count as its false positives; SegmentationScore matches only the classes present.
+Scores: the reference's counting (google/diffseg `hungarian_matching`, run with `REFINEMENT=False`), which is
+`helpers.metrics.SegmentationScore`'s default: per image, a class × segment overlap histogram over all n classes of
+the data set, Hungarian matching maximising overlap, true/false positives and false negatives per class; mIoU = mean
+over classes of TP / (TP + FP + FN), accuracy = TP / labelled pixels. Because every class is matched, a surplus
+segment may go to a class absent from the image and count as its false positives. Beside it, for comparison only,
+the same counts when each image's segments are matched only to the classes present in it (`present_only=True`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import diffseg as ds
-from .metrics import SegmentationScore
+from .metrics import SegmentationScore, hungarian_counts
 
 # COCO-Stuff fine class id (0–181) -> coarse class (0–26), as in PiCIE and STEGO; 255 (unlabelled) -> ignored.
 COCO_FINE_TO_COARSE = {
@@ -134,60 +135,47 @@ def load_pair(image_path, label_path, size: int, lut: np.ndarray):
 
 
 # -- scores ----------------------------------------------------------------------------------------------------------
-def reference_counts(pred, label, n_class: int):
-    """The reference's per-image counting: (tp, fp, fn) per class and the number of labelled pixels.
-
-    Overlap histogram of classes (rows, 0…n_class−1) × segments (columns, at least n_class of them); Hungarian
-    matching maximising overlap; a class's TP is its matched segment's overlap, FN the rest of the class, FP the
-    matched segment's pixels of other classes. Labels outside [0, n_class) are ignored.
-    """
-    from scipy.optimize import linear_sum_assignment
-    p, g = np.asarray(pred).ravel().astype(np.int64), np.asarray(label).ravel().astype(np.int64)
-    keep = (g >= 0) & (g < n_class)
-    cols = max(n_class, int(p.max()) + 1)
-    hist = np.bincount(cols * g[keep] + p[keep], minlength=n_class * cols).reshape(n_class, cols)
-    rows, match = linear_sum_assignment(hist, maximize=True)
-    tp = hist[rows, match].astype(np.float64)
-    fn = hist.sum(1) - tp
-    fp = hist[:, match].sum(0) - tp
-    return tp, fp, fn, float(hist.sum())
-
-
 class Counts:
-    """Confusion counts of a dataset: the reference's (tp, fp, fn, labelled) and SegmentationScore's, as one vector
-    that processes can add up."""
+    """Confusion counts of a data set, as one vector that processes can add up: the reference's (tp, fp, fn per
+    class; `hungarian_counts`), the same with matching restricted to each image's classes, labelled pixels, images."""
 
     def __init__(self, n_class: int):
         self.n = n_class
-        self.vec = np.zeros(5 * n_class + 4)  # tp, fp, fn, inter, union (n each); labelled, correct, total, images
+        self.vec = np.zeros(6 * n_class + 2)
 
     def add(self, pred, label):
-        n = self.n
-        tp, fp, fn, labelled = reference_counts(pred, label, n)
-        s = SegmentationScore(ignore=IGNORE).add(pred, np.where((label >= 0) & (label < n), label, IGNORE))
-        v = self.vec
-        v[:n] += tp; v[n:2 * n] += fp; v[2 * n:3 * n] += fn
-        for c in s.union:
-            v[3 * n + c] += s.inter[c]; v[4 * n + c] += s.union[c]
-        v[5 * n:] += [labelled, s.correct, s.total, 1]
+        n, v = self.n, self.vec
+        label = np.where((label >= 0) & (label < n), label, IGNORE)   # as the reference: other ids are unlabelled
+        ref = hungarian_counts(pred, label, n, IGNORE)
+        present = hungarian_counts(pred, label, n, IGNORE, present_only=True)
+        for i, a in enumerate(ref[:3] + present[:3]):
+            v[i * n:(i + 1) * n] += a
+        v[6 * n:] += [ref[3], 1]
         return self
 
     def summary(self) -> dict:
         n, v = self.n, self.vec
-        tp, fp, fn, inter, union = (v[i * n:(i + 1) * n] for i in range(5))
-        labelled, correct, total, images = v[5 * n:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref_iou = tp / (tp + fp + fn)
-            iou = inter / union
-        return {"images": int(images),
-                "reference": {"miou": float(np.nanmean(ref_iou)), "accuracy": float(tp.sum() / max(labelled, 1)),
-                              "per_class_iou": [None if np.isnan(x) else float(x) for x in ref_iou]},
-                "segmentation_score": {"miou": float(np.nanmean(iou)), "accuracy": float(correct / max(total, 1))}}
+        labelled, images = v[6 * n:]
+        out = {"images": int(images)}
+        for key, off in (("reference", 0), ("present_classes_only", 3)):
+            tp, fp, fn = (v[(off + i) * n:(off + i + 1) * n] for i in range(3))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                iou = tp / (tp + fp + fn)
+            out[key] = {"miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                        "accuracy": float(tp.sum() / max(labelled, 1)),
+                        "per_class_iou": [None if np.isnan(x) else float(x) for x in iou]}
+        return out
 
 
 # -- the toy world ---------------------------------------------------------------------------------------------------
 TOY_SWEEP = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.5)
 TUNE_START = 5000  # held-out scenes 5000… pick the toy threshold; the table is measured on scenes 0…n−1
+
+
+def toy_classes() -> int:
+    """Classes of the toy world's semantic map: background + one per shape."""
+    from .toyworld import SHAPES
+    return 1 + len(SHAPES)
 
 
 @torch.no_grad()
@@ -202,17 +190,21 @@ def _toy_batches(pipe, scenes, batch: int, progress: bool, desc: str, t: int = d
 
 def toy_sweep(pipe, scenes, thresholds=TOY_SWEEP, anchors: int = ds.REFERENCE_ANCHORS, batch: int | None = None,
               progress: bool = False, t: int = ds.REFERENCE_T) -> dict:
-    """{threshold: {"miou", "accuracy", "segments"}} of DiffSeg on toy scenes (semantic ground truth)."""
-    scores = {th: SegmentationScore() for th in thresholds}
+    """{threshold: {"miou", "accuracy", "miou_present", "segments"}} of DiffSeg on toy scenes (semantic ground
+    truth): mIoU and accuracy in the reference's protocol, miou_present with matching to each image's classes only."""
+    n_cls = toy_classes()
+    scores = {th: SegmentationScore(n_cls) for th in thresholds}
+    present = {th: SegmentationScore(n_cls, present_only=True) for th in thresholds}
     segs = {th: [] for th in thresholds}
     batch = batch or (10 if scenes[0].image.shape[0] <= 128 else 2)
     for part, cap, agg in _toy_batches(pipe, scenes, batch, progress, "sweep", t, extras=False):
         for th in thresholds:
             for s, p in zip(part, ds.segment(agg, cap.image_hw, th, anchors)):
                 scores[th].add(p, s.semantic)
+                present[th].add(p, s.semantic)
                 segs[th].append(len(np.unique(p)))
-    return {th: {"miou": scores[th].miou, "accuracy": scores[th].accuracy, "segments": float(np.mean(segs[th]))}
-            for th in thresholds}
+    return {th: {"miou": scores[th].miou, "accuracy": scores[th].accuracy, "miou_present": present[th].miou,
+                 "segments": float(np.mean(segs[th]))} for th in thresholds}
 
 
 def toy_table(pipe, n: int = 50, start: int = 0, threshold: float | None = None, thresholds=TOY_SWEEP,
@@ -224,7 +216,9 @@ def toy_table(pipe, n: int = 50, start: int = 0, threshold: float | None = None,
     so the table's scenes never choose it. Rows: DiffSeg at that threshold and at the reference's 1.1; k-means on
     pixel colours and on UNet features with k = DiffSeg's segment count on each image; colour k-means with k = the
     image's number of ground-truth classes (an oracle k); cross-attention argmax over the caption's tokens; one
-    segment per image. Ground truth: the semantic map (background + 4 shape classes), Hungarian-matched per image.
+    segment per image. Ground truth: the semantic map (background + 4 shape classes), Hungarian-matched per image
+    against all of them as the reference does ("miou", "accuracy"), and against each image's own classes only
+    ("miou_present", for comparison).
     """
     from . import toyworld as tw
     from .images import native_size
@@ -242,8 +236,11 @@ def toy_table(pipe, n: int = 50, start: int = 0, threshold: float | None = None,
              "cross-attention argmax over caption tokens", "k-means on pixel colours, k = true classes (oracle)",
              "one segment per image"]
     evals = dict(zip(names, [1, 1, 0, 1, 1, 0, 0]))
-    scores = {k: SegmentationScore() for k in names}
-    sweep_scores = {th: SegmentationScore() for th in sweep}
+    n_cls = toy_classes()
+    scores = {k: SegmentationScore(n_cls) for k in names}
+    present = {k: SegmentationScore(n_cls, present_only=True) for k in names}
+    sweep_scores = {th: SegmentationScore(n_cls) for th in sweep}
+    sweep_present = {th: SegmentationScore(n_cls, present_only=True) for th in sweep}
     count = {k: [] for k in names}
     sweep_count = {th: [] for th in sweep}
     seconds = {k: 0.0 for k in names}
@@ -259,6 +256,7 @@ def toy_table(pipe, n: int = 50, start: int = 0, threshold: float | None = None,
             gt = s.semantic
             for th in sweep:
                 sweep_scores[th].add(by_th[th][i], gt)
+                sweep_present[th].add(by_th[th][i], gt)
                 sweep_count[th].append(len(np.unique(by_th[th][i])))
             k = len(np.unique(by_th[threshold][i]))
             preds = {}
@@ -273,29 +271,43 @@ def toy_table(pipe, n: int = 50, start: int = 0, threshold: float | None = None,
                 if name not in names[:2]:
                     seconds[name] += time.perf_counter() - t0
                 scores[name].add(preds[name], gt)
+                present[name].add(preds[name], gt)
                 count[name].append(len(np.unique(preds[name])))
-    rows = {k: {"miou": scores[k].miou, "accuracy": scores[k].accuracy, "segments": float(np.mean(count[k])),
-                "unet_evals": evals[k], "ms_per_image": 1000 * seconds[k] / n} for k in names}
+    rows = {k: {"miou": scores[k].miou, "accuracy": scores[k].accuracy, "miou_present": present[k].miou,
+                "segments": float(np.mean(count[k])), "unet_evals": evals[k],
+                "ms_per_image": 1000 * seconds[k] / n} for k in names}
     return {"rows": rows, "threshold": threshold, "tuned": tuned, "n": n, "start": start, "n_tune": n_tune,
             "sweep": {th: {"miou": sweep_scores[th].miou, "accuracy": sweep_scores[th].accuracy,
+                           "miou_present": sweep_present[th].miou,
                            "segments": float(np.mean(sweep_count[th]))} for th in sweep}}
 
 
 def table_text(result: dict) -> str:
     """The toy table and the threshold sweep as markdown."""
-    lines = [f"{result['n']} held-out toy scenes; per-image Hungarian matching to the semantic map (background + 4 "
-             "shapes); mIoU and pixel accuracy over the set", "",
-             "| method | mIoU | pixel accuracy | segments / image | UNet evaluations / image |", "|---|---|---|---|---|"]
+    lines = [f"{result['n']} held-out toy scenes; mIoU and pixel accuracy over the set, each image's segments "
+             f"Hungarian-matched to all {toy_classes()} classes of the semantic map (background + shapes), as the "
+             "reference "
+             "scores; last mIoU column: matched only to the classes present in each image (not the reference's)", "",
+             "| method | mIoU | pixel accuracy | segments / image | UNet evaluations / image "
+             "| mIoU, present classes only |", "|---|---|---|---|---|---|"]
     for k, r in result["rows"].items():
-        lines.append(f"| {k} | {r['miou']:.3f} | {r['accuracy']:.3f} | {r['segments']:.1f} | {r['unet_evals']} |")
+        lines.append(f"| {k} | {r['miou']:.3f} | {r['accuracy']:.3f} | {r['segments']:.1f} | {r['unet_evals']} "
+                     f"| {r['miou_present']:.3f} |")
     lines += ["", "| KL threshold | " + " | ".join(f"{th:g}" for th in result["sweep"]) + " |",
               "|---" * (len(result["sweep"]) + 1) + "|"]
-    for key, fmt in (("miou", "{:.3f}"), ("accuracy", "{:.3f}"), ("segments", "{:.1f}")):
-        lines.append(f"| {key} | " + " | ".join(fmt.format(v[key]) for v in result["sweep"].values()) + " |")
+    for key, name, fmt in (("miou", "mIoU", "{:.3f}"), ("accuracy", "pixel accuracy", "{:.3f}"),
+                           ("segments", "segments / image", "{:.1f}"),
+                           ("miou_present", "mIoU, present classes only", "{:.3f}")):
+        lines.append(f"| {name} | " + " | ".join(fmt.format(v[key]) for v in result["sweep"].values()) + " |")
     if result.get("tuned"):
-        best = result["threshold"]
-        lines += ["", f"Toy threshold {best:g}: best mIoU ({result['tuned'][best]['miou']:.3f}) of the sweep on "
-                  f"{result.get('n_tune', 'other')} other held-out scenes ({TUNE_START}…), not the table's."]
+        best, tuned = result["threshold"], result["tuned"]
+        loose = max(tuned, key=lambda th: tuned[th]["miou_present"])
+        lines += ["", f"Tuning sweep on {result.get('n_tune', 'other')} other held-out scenes ({TUNE_START}…):", "",
+                  "| KL threshold | " + " | ".join(f"{th:g}" for th in tuned) + " |", "|---" * (len(tuned) + 1) + "|"]
+        for key, name in (("miou", "mIoU"), ("miou_present", "mIoU, present classes only")):
+            lines.append(f"| {name} | " + " | ".join(f"{v[key]:.3f}" for v in tuned.values()) + " |")
+        lines += ["", f"Toy threshold {best:g}: the best mIoU ({tuned[best]['miou']:.3f}) on the tuning scenes, not "
+                  f"the table's; the present-classes rule would have picked {loose:g}."]
     return "\n".join(lines)
 
 
@@ -367,9 +379,8 @@ def main(argv=None):
                    anchors=a.anchors, t=a.t, seconds=round(time.time() - start, 1))
         print(f"{a.dataset}: {out['images']} images on {state.num_processes} process(es): mIoU "
               f"{out['reference']['miou']:.3f}, pixel accuracy {out['reference']['accuracy']:.3f} "
-              "(reference counting); "
-              f"SegmentationScore mIoU {out['segmentation_score']['miou']:.3f}, "
-              f"accuracy {out['segmentation_score']['accuracy']:.3f}")
+              "(the reference's counting); matched to each image's classes only: mIoU "
+              f"{out['present_classes_only']['miou']:.3f}")
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=1))
     state.wait_for_everyone()

@@ -181,14 +181,15 @@ def test_history_shows_each_iteration(pipe):
 
 def test_diffseg_segments_toy_scenes(pipe):
     scenes = [tw.heldout_scene(100 + i) for i in range(8)]
-    seg = ds.diffseg(pipe, [s.image for s in scenes], threshold=0.3)
+    seg = ds.diffseg(pipe, [s.image for s in scenes], threshold=0.7)
     assert seg.shape == (8, 64, 64)
-    score, one = SegmentationScore(), SegmentationScore()
+    n = 1 + len(tw.SHAPES)
+    score, one = SegmentationScore(n), SegmentationScore(n)
     for p, s in zip(seg, scenes):
         score.add(p, s.semantic)
         one.add(np.zeros_like(p), s.semantic)
-    # measured 0.64 on 50 scenes (notebook 05); one segment per image scores 0.17
-    assert score.miou >= 0.5 and score.miou > one.miou + 0.25, (score.miou, one.miou)
+    # reference scoring, toy threshold 0.7: 0.52 on notebook 05's 50 scenes; one segment per image scores 0.17
+    assert score.miou >= 0.4 and score.miou > one.miou + 0.2, (score.miou, one.miou)
 
 
 def test_segments_are_named_by_the_caption_nouns(pipe):
