@@ -1,10 +1,11 @@
 """Point every notebook (setup cell and Colab badge) and the README's badges at another repository, e.g. your fork.
 
     python -m helpers.set_repo_url https://github.com/YOU/YOUR-FORK
+
+Notebooks are rewritten as Jupyter writes them (nbformat), so only the changed links show in `git diff`.
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -14,23 +15,31 @@ URL_RE = re.compile(r'REPO_URL = "https://github\.com/([^/"]+/[^/"]+?)(?:\.git)?
 BADGE_RE = re.compile(r"colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/")
 
 
-def set_repo_url(url: str, root: Path = ROOT) -> list[Path]:
+def slug_of(url: str) -> str:
     m = re.fullmatch(r"https://github\.com/([^/\s]+)/([^/\s]+?)(?:\.git)?/?", url)
     if not m:
-        raise ValueError(f"expected a GitHub repository URL like https://github.com/YOU/YOUR-FORK, got {url!r}")
-    slug = f"{m.group(1)}/{m.group(2)}"
+        raise ValueError(f"expected a GitHub repository URL like https://github.com/YOU/YOUR-FORK, got {url!r} "
+                         f"(Colab opens notebooks from GitHub only)")
+    return f"{m.group(1)}/{m.group(2)}"
+
+
+def set_repo_url(url: str, root: Path = ROOT) -> list[Path]:
+    import nbformat
+    slug = slug_of(url)
     changed = []
-    for nb in sorted((root / "notebooks").glob("*.ipynb")):
-        d = json.loads(nb.read_text())
-        for c in d["cells"]:
-            src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-            new = URL_RE.sub(f'REPO_URL = "https://github.com/{slug}"', src)
+    for nb_path in sorted((root / "notebooks").rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in nb_path.parts:
+            continue
+        nb = nbformat.read(nb_path, as_version=nbformat.NO_CONVERT)
+        dirty = False
+        for c in nb.cells:
+            new = URL_RE.sub(f'REPO_URL = "https://github.com/{slug}"', c.source)
             new = BADGE_RE.sub(f"colab.research.google.com/github/{slug}/blob/", new)
-            c["source"] = new
-        text = json.dumps(d, indent=1, ensure_ascii=False) + "\n"
-        if text != nb.read_text():
-            nb.write_text(text)
-            changed.append(nb)
+            if new != c.source:
+                c.source, dirty = new, True
+        if dirty:
+            nbformat.write(nb, nb_path)
+            changed.append(nb_path)
     readme = root / "README.md"
     if readme.exists():
         t = readme.read_text()

@@ -1,7 +1,11 @@
 """Train the bundled toy Stable Diffusion from scratch on the toy world, on a CPU.
 
-    python -m helpers.train_toy                    # the shipped recipe; resumes from .cache/toy-train if present
-    python -m helpers.train_toy --steps 8000 --out data/toy-sd
+    python -m helpers.train_toy                    # the shipped recipe, into .cache/toy-train/model (resumable)
+    python -m helpers.train_toy --out data/toy-sd --replace-bundled   # ...and replace the bundled model
+
+By default the result goes to .cache/toy-train/model (use it with DIFFUSION_MODEL=.cache/toy-train/model);
+the bundled model in data/toy-sd is only overwritten with --replace-bundled. Once trained, rerunning with other
+--out only exports again from the checkpoints (seconds).
 
 Three phases, each checkpointed in --work (stop with Ctrl-C and rerun the same command to resume):
 1. the VAE (diffusers AutoencoderKL, 4× down-sampling): L1 + MSE + a small KL term;
@@ -35,8 +39,9 @@ from .attention import AttentionStore, capture_attention
 from .toytokenizer import MODEL_MAX_LENGTH, vocab_size, write_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "data" / "toy-sd"
+BUNDLED = ROOT / "data" / "toy-sd"
 DEFAULT_WORK = ROOT / ".cache" / "toy-train"
+DEFAULT_OUT = DEFAULT_WORK / "model"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,11 +224,19 @@ def check_world(work: Path):
     marker.write_text(str(tw.WORLD_VERSION))
 
 
+def check_out(out: Path, replace_bundled: bool):
+    """Refuse to overwrite the bundled model unless asked to in so many words."""
+    if out.resolve() == BUNDLED.resolve() and not replace_bundled:
+        raise SystemExit(f"--out {out} is the bundled model, which every notebook and measured number uses: pass "
+                         f"--replace-bundled to overwrite it, or leave --out at its default ({DEFAULT_OUT}).")
+
+
 def train(args):
+    out = Path(args.out)
+    check_out(out, args.replace_bundled)
     torch.manual_seed(args.seed)
     work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
     check_world(work)
-    out = Path(args.out)
     tok_dir = write_tokenizer(work / "tokenizer")
     t0 = time.time()
     vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)
@@ -264,6 +277,16 @@ def train(args):
     end = min(args.steps, args.stop_at or args.steps)
     bar = tqdm(range(start, end), desc="UNet + text encoder", initial=start, total=args.steps)
     tick = time.time()
+    def save(done):
+        meta = dict({k: v for k, v in vars(args).items() if k not in ("out", "work", "replace_bundled")},
+                    step=done, unet_seconds=round(spent), scaling_factor=scaling, world_version=tw.WORLD_VERSION,
+                    command="python -m helpers.train_toy " + " ".join(
+                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                        if k not in ("out", "work", "replace_bundled") and v != PARSER_DEFAULTS.get(k)))
+        export(out if done == args.steps else work / f"export-{done}", vae, ema_unet, ema_te, tok, scaling, meta)
+
+    if start >= args.steps:  # already trained: export the finished model (e.g. to another --out)
+        save(args.steps)
     with capture_attention(unet, store):
         for step in bar:
             idx = torch.randint(0, n, (args.batch,))
@@ -308,18 +331,18 @@ def train(args):
                             "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": done,
                             "seconds": spent, "rng": torch.get_rng_state()}, ck)
             if done % args.export_every == 0 or done == args.steps:
-                meta = dict({k: v for k, v in vars(args).items() if k not in ("out", "work")}, step=done,
-                            unet_seconds=round(spent), scaling_factor=scaling, world_version=tw.WORLD_VERSION,
-                            command="python -m helpers.train_toy " + " ".join(
-                                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                if k not in ("out", "work") and v != PARSER_DEFAULTS.get(k)))
-                export(out if done == args.steps else work / f"export-{done}", vae, ema_unet, ema_te, tok, scaling,
-                       meta)
+                save(done)
     print(f"done: {args.steps} steps, {spent / 60:.1f} min in phase 3, {(time.time() - t0) / 60:.1f} min this run")
+    if max(start, end) >= args.steps:
+        print(f"the model is in {out}: try it with DIFFUSION_MODEL={out} (or load_pipeline({str(out)!r}))"
+              + ("" if out.resolve() == BUNDLED.resolve() else
+                 "; to make it the bundled model: the same command with --out data/toy-sd --replace-bundled"))
 
 
 PARSER = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 PARSER.add_argument("--out", default=str(DEFAULT_OUT), help="where the pipeline folder is written at the end")
+PARSER.add_argument("--replace-bundled", action="store_true",
+                    help="allow --out to be the bundled model (data/toy-sd), which is otherwise refused")
 PARSER.add_argument("--work", default=str(DEFAULT_WORK), help="checkpoints and cached latents (resumable)")
 PARSER.add_argument("--seed", type=int, default=0)
 PARSER.add_argument("--vae-steps", type=int, default=600)

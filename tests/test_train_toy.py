@@ -21,6 +21,28 @@ def test_tiny_run_exports_a_loadable_pipeline_and_resumes(tmp_path):
     p = StableDiffusionPipeline.from_pretrained(str(out))
     p.set_progress_bar_config(disable=True)
     assert p(tw.scene(0).caption, num_inference_steps=2).images[0].size == (64, 64)
+    # a finished run exports again to another --out without training (the way to replace the bundled model)
+    other = tmp_path / "other"
+    train(PARSER.parse_args(args[:2] + ["--out", str(other)] + args[4:] + ["--steps", "3"]))
+    assert json.loads((other / "training.json").read_text())["step"] == 3
+    assert (other / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_default_output_is_not_the_bundled_model(tmp_path):
+    """`python -m helpers.train_toy` must not overwrite data/toy-sd: that needs --replace-bundled."""
+    import pytest
+
+    from helpers.loading import BUNDLED
+    from helpers.train_toy import DEFAULT_OUT
+    assert DEFAULT_OUT.resolve() != BUNDLED.resolve()
+    assert PARSER.parse_args([]).out == str(DEFAULT_OUT) and not PARSER.parse_args([]).replace_bundled
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="--replace-bundled"):
+        train(PARSER.parse_args(["--work", str(work), "--out", str(BUNDLED)]))
+    assert not work.exists()  # refused before any work
+    with pytest.raises(SystemExit, match="--replace-bundled"):
+        train(PARSER.parse_args(["--work", str(work), "--out", str(BUNDLED / ".." / "toy-sd")]))
 
 
 class _Store:
