@@ -3,11 +3,13 @@
 Three steps, each a function here (notebook 06 builds them up and checks against these):
 1. the prompt bank: plain texts plus one learned token per real object (`textual_inversion`, normalised and masked:
    foreground and background losses each averaged over their own pixels, the background weighted by `bg_lambda`);
-2. synthesis (`synthesize`): one seed per image; a coarse mask from the category token's cross-attention at several
-   resolutions, upsampled, max-normalised and averaged. The attention store keeps only that token's maps;
+2. synthesis (`synthesize`): one seed per image; a coarse mask from the category token's cross-attention in the
+   down and up layers at every resolution they have (not the mid block, as the reference), upsampled,
+   max-normalised and averaged. The attention store keeps only that token's maps;
 3. refinement (`refine`): a few-shot segmenter (prototype matching on UNet features, no downloaded weights) with the
-   real examples as support accepts a synthetic sample when its prediction agrees with the attention mask, grows its
-   support set with it, and pseudo-labels the rest.
+   real examples as support; where its prediction agrees with the attention mask the sample is accepted and labelled
+   with the prediction (as the reference), the accepted samples join the support set, and the rest are
+   pseudo-labelled.
 Then `train_segmenter` / `evaluate_segmenter`: a tiny conv net trained on real, synthetic or both sets.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .attention import AttentionStore, capture_attention
 from .images import encode, decode, native_size, vae_factor
 from .metrics import iou
 from .toyworld import colour_mask
-from .sampling import add_noise, denoise, seeded_noise
+from .sampling import add_noise, denoise, prediction_target, seeded_noise
 from .text import embed
 
 TEMPLATE = "a {token} {category}"  # toy captions say "a red star": the learned token takes the colour word's place
@@ -153,6 +155,18 @@ def plain_texts(category: str, distractors: bool = True) -> list[tuple[str, str]
     return out
 
 
+def init_words(images, masks, category: str) -> list[str]:
+    """A word to start each example's token from (toy world): the colour of the object under its mask, read by the
+    toy world's detector — the word that fills the slot the token takes in "a {token} star". The category word
+    where the detector finds no object there. (The reference starts every token from one fixed word, "good".)"""
+    images, masks = check_examples(images, masks)
+    out = []
+    for im, m in zip(images, masks):
+        f = tw.object_in(im, m)
+        out.append(f.colour if f is not None else category)
+    return out
+
+
 def add_token(pipe, token: str, init_word: str) -> int:
     """Add `token` to the pipeline's tokenizer, grow the text encoder's embedding table, initialise its row from
     `init_word`'s embedding. A token that already exists is re-initialised (so a notebook cell can be rerun)."""
@@ -173,10 +187,18 @@ def add_token(pipe, token: str, init_word: str) -> int:
     return tid
 
 
-def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int], threshold: float = 0.3) -> torch.Tensor:
-    """Image masks → boolean masks at latent size: area-average pooled, then > threshold (0.3 in the reference)."""
+def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int], threshold: float = 0.3,
+                 mode: str = "nearest") -> torch.Tensor:
+    """Image masks → boolean masks at latent size, then > threshold (0.3, as the reference).
+
+    mode "nearest" (the reference): each latent cell takes one pixel of the mask (a nearest-neighbour resize);
+    "area": each cell takes the share of its pixels in the mask, so a cell counts when more than 30% is covered."""
+    if mode not in ("nearest", "area"):
+        raise ValueError(f"mode must be 'nearest' (the reference) or 'area', not {mode!r}")
     m = torch.as_tensor(np.asarray(masks, np.float32))[:, None]
-    return (F.adaptive_avg_pool2d(m, latent_hw) > threshold)[:, 0]
+    small = F.interpolate(m, size=latent_hw, mode="nearest") if mode == "nearest" else \
+        F.adaptive_avg_pool2d(m, latent_hw)
+    return (small > threshold)[:, 0]
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor, bg_lambda: float = 0.6) -> torch.Tensor:
@@ -199,20 +221,29 @@ class Inversion:
 
 
 def textual_inversion(pipe, images, masks, category: str, steps: int = 200, lr: float = 5e-4, bg_lambda: float = 0.6,
-                      init_word: str | None = None, template: str = TEMPLATE, prefix: str | None = None,
-                      flips: bool = True, seed: int = 0, progress: bool = True) -> Inversion:
+                      init_word: str | list[str] | None = None, template: str = TEMPLATE, prefix: str | None = None,
+                      flips: bool = True, seed: int = 0, progress: bool = True, weight_decay: float = 1e-2,
+                      schedule: str = "cosine", mask_mode: str = "nearest") -> Inversion:
     """Learn one token per real example (all in one batched loop): "a <star-0> star" must denoise example 0, etc.
 
     Only the new rows of the embedding table change: the UNet, the text encoder and every other row stay frozen
-    (the other rows are restored after each step). Loss: `masked_loss` on the noise prediction at a uniformly drawn
-    timestep, with random horizontal flips of image and mask. Returns the tokens, their embeddings and the loss
+    (the other rows are restored after each step). Loss: `masked_loss` on the UNet's prediction (ε, or v for a
+    v-prediction model: `helpers.sampling.prediction_target`) at a uniformly drawn
+    timestep, with random horizontal flips of image and mask. Optimiser as the reference: AdamW with weight decay
+    1e-2 and a cosine learning-rate schedule without warm-up (schedule="constant" keeps lr fixed).
+    init_word: the word each token starts from — one word for all, or one per example (default: the category).
+    mask_mode: how masks reach the latent grid (`latent_masks`). Returns the tokens, their embeddings and the loss
     per step."""
     images, masks = check_examples(images, masks)
     cid = category_id(pipe.tokenizer, category)
-    init_word = init_word or category
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' (the reference) or 'constant', not {schedule!r}")
+    inits = [init_word or category] * len(images) if not isinstance(init_word, (list, tuple)) else list(init_word)
+    if len(inits) != len(images):
+        raise ValueError(f"{len(inits)} init words for {len(images)} examples; give one word, or one per example")
     prefix = prefix or f"<{category}-"
     tokens = [f"{prefix}{i}>" for i in range(len(images))]
-    ids = [add_token(pipe, t, init_word) for t in tokens]
+    ids = [add_token(pipe, t, w) for t, w in zip(tokens, inits)]
     prompts = [template.format(token=t, category=category) for t in tokens]
     te, unet = pipe.text_encoder, pipe.unet
     table = te.get_input_embeddings().weight
@@ -221,7 +252,7 @@ def textual_inversion(pipe, images, masks, category: str, steps: int = 200, lr: 
     frozen = torch.ones(table.shape[0], dtype=torch.bool)
     frozen[rows] = False
     latents = encode(pipe, list(images))
-    fg = latent_masks(masks, tuple(latents.shape[-2:])).to(latents.device)
+    fg = latent_masks(masks, tuple(latents.shape[-2:]), mode=mask_mode).to(latents.device)
     token_ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                return_tensors="pt").input_ids.to(pipe.device)
     assert (token_ids == cid).any(1).all(), "every prompt holds the category token"
@@ -230,7 +261,9 @@ def textual_inversion(pipe, images, masks, category: str, steps: int = 200, lr: 
     for p in te.parameters():
         p.requires_grad_(False)
     table.requires_grad_(True)
-    opt = torch.optim.AdamW([table], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([table], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine from lr to 0 over the steps (no warm-up), or constant
+        opt, lambda i: 0.5 * (1 + np.cos(np.pi * i / max(steps, 1))) if schedule == "cosine" else 1.0)
     g = torch.Generator().manual_seed(seed)
     n_train = pipe.scheduler.config.num_train_timesteps
     losses = []
@@ -247,10 +280,11 @@ def textual_inversion(pipe, images, masks, category: str, steps: int = 200, lr: 
             noisy = pipe.scheduler.add_noise(x, noise, t)
             cond = te(token_ids)[0]
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
-            loss = masked_loss(pred, noise, m, bg_lambda)
+            loss = masked_loss(pred, prediction_target(pipe, x, noise, t), m, bg_lambda)  # ε, v or x0 target
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             with torch.no_grad():
                 table[frozen] = keep[frozen]
             losses.append(loss.item())
@@ -279,18 +313,29 @@ def inversion_error(pipe, images, masks, prompts, n: int = 8, seed: int = 0) -> 
     noise = torch.randn(z.shape, generator=g).to(z)
     cond = embed(pipe, [p for p in prompts for _ in range(n)])
     pred = pipe.unet(pipe.scheduler.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
-    fg_err = float(masked_loss(pred, noise, fg, 0.0))
-    bg_err = float(masked_loss(pred, noise, ~fg, 0.0))
+    target = prediction_target(pipe, z, noise, t)  # what the UNet predicts: ε, v or x0
+    fg_err = float(masked_loss(pred, target, fg, 0.0))
+    bg_err = float(masked_loss(pred, target, ~fg, 0.0))
     return fg_err, bg_err
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Step 2: synthesis with a coarse mask from the category token's cross-attention
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layer:  # what AttentionStore.take reads of a layer: its name and the kind its maps are filed under
+    name: str
+    kind: str
+
+
+MID = "cross-mid"  # the kind TokenStore files the mid block's maps under
+
+
 class TokenStore(AttentionStore):
     """An attention store that keeps only one token's cross-attention per image (position `positions[b]` for batch
     element b): batch × queries × 1 instead of batch × queries × 77 — the reference kept every map and ran out of
-    memory."""
+    memory. The mid block's maps are filed apart, under the kind "cross-mid", so that a coarse mask can follow the
+    reference (down and up layers only) or add them."""
 
     def __init__(self, positions, **kw):
         super().__init__(kinds=("cross",), **kw)
@@ -306,7 +351,7 @@ class TokenStore(AttentionStore):
         picked = probs[torch.arange(len(pos), device=probs.device), :, :, pos]  # B × heads × Q
         super_half, self.half = self.half, "all"
         try:
-            super().take(info, res, picked[..., None])
+            super().take(_Layer(info.name, MID if info.place == "mid" else info.kind), res, picked[..., None])
         finally:
             self.half = super_half
 
@@ -324,16 +369,31 @@ def token_index(tokenizer, prompts, word: str) -> list[int]:
     return out
 
 
-def coarse_heat(store: AttentionStore, size) -> torch.Tensor:
-    """B × H × W: each captured resolution's map upsampled (bilinear) to `size`, max-normalised per image, averaged."""
+PLACES = ("down", "up")  # the reference's coarse mask: down and up layers at every resolution they have, no mid block
+
+
+def coarse_heat(store: AttentionStore, size, places=PLACES) -> torch.Tensor:
+    """B × H × W: the token's map at each captured resolution (the layers of `places` there averaged) upsampled
+    (bicubic, as the reference, clamped at 0) to `size`, max-normalised per image; the resolutions averaged.
+    places: ("down", "up") as the reference (on SD 1.x: 64, 32, 16 on its 64 latent; on the toy: 16 and 8); add
+    "mid" to count the mid block (SD 8×8, toy 4×4) as one more resolution."""
     size = (size, size) if isinstance(size, int) else tuple(size)
+    bad = set(places) - {"down", "up", "mid"}
+    if bad or not places:
+        raise ValueError(f"places is a non-empty subset of ('down', 'up', 'mid'), not {places}")
+    kinds = ({"cross"} if {"down", "up"} & set(places) else set()) | ({MID} if "mid" in places else set())
+    if {"down", "up"} & set(places) and set(places) & {"down", "up"} != {"down", "up"}:
+        raise ValueError("the store averages down and up layers of one resolution together: use both or neither")
     maps = []
     for kind, (h, w) in store.keys():
+        if kind not in kinds:
+            continue
         m = store.get(kind, (h, w))[..., 0].reshape(-1, 1, h, w)
-        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
+        m = F.interpolate(m, size=size, mode="bicubic", align_corners=False)[:, 0].clamp(min=0)
         maps.append(m / m.amax((1, 2), keepdim=True).clamp(min=1e-12))
     if not maps:
-        raise KeyError("no cross-attention was captured; did the UNet run inside capture_attention?")
+        raise KeyError(f"no cross-attention of {places} was captured (the store holds {store.keys() or 'nothing'});"
+                       " did the UNet run inside capture_attention?")
     return torch.stack(maps).mean(0)
 
 
@@ -347,20 +407,22 @@ class Synthetic:
     seeds: list[int]
     store_bytes: int = 0   # the token-only attention store's memory
     full_store_bytes: int = 0  # what a store keeping every token would hold
+    heat_with_mid: np.ndarray | None = None  # the same heat with the mid block's maps as one more resolution
 
 
 @torch.no_grad()
 def synthesize(pipe, bank: PromptBank, n: int | None = None, steps: int = 50, guidance: float = 7.5, seed: int = 0,
-               threshold: float = 0.5, batch: int = 16, start: int = 0, attn_steps=None, indices=None,
-               progress: bool = True) -> Synthetic:
+               threshold: float = 0.4, batch: int = 16, start: int = 0, attn_steps=None, indices=None,
+               progress: bool = True, places=PLACES) -> Synthetic:
     """Images n = start … start+n−1 of the bank: image i uses prompt i (cycling) and seed `seed + i` (one seed per
-    image, so any split across processes gives the same images). Coarse mask: `coarse_heat` > threshold.
+    image, so any split across processes gives the same images). Coarse mask: `coarse_heat(store, size, places)` >
+    threshold (0.4, as the reference); `heat_with_mid` also holds the heat with the mid block added.
     attn_steps: which denoising steps' attention to average (None: all, as the reference). indices: the image
     numbers to make (instead of start … start+n−1), batched in the order given."""
     indices = list(range(start, start + n)) if indices is None else list(indices)
     size = native_size(pipe)
     side = size // vae_factor(pipe)
-    out = dict(images=[], heat=[], prompts=[], colours=[], seeds=[])
+    out = dict(images=[], heat=[], heat_mid=[], prompts=[], colours=[], seeds=[])
     nbytes, full = 0, 0
     for b0 in tqdm(range(0, len(indices), batch), desc="synthesis", disable=not progress, leave=False):
         idx = indices[b0:b0 + batch]
@@ -376,13 +438,14 @@ def synthesize(pipe, bank: PromptBank, n: int | None = None, steps: int = 50, gu
         full = max(full, store.nbytes() * pipe.tokenizer.model_max_length)
         img = ((decode(pipe, lat) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         out["images"].append(img)
-        out["heat"].append(coarse_heat(store, size).cpu().numpy())
+        out["heat"].append(coarse_heat(store, size, places).cpu().numpy())
+        out["heat_mid"].append(coarse_heat(store, size, ("down", "mid", "up")).cpu().numpy())
         out["prompts"] += prompts
         out["colours"] += [c for _, c in entries]
         out["seeds"] += [seed + i for i in idx]
     heat = np.concatenate(out["heat"])
     return Synthetic(np.concatenate(out["images"]), heat, heat > threshold, out["prompts"], out["colours"],
-                     out["seeds"], nbytes, full)
+                     out["seeds"], nbytes, full, np.concatenate(out["heat_mid"]))
 
 
 def coarse_iou(syn: Synthetic) -> list[float | None]:
@@ -447,17 +510,30 @@ class PrototypeSegmenter:
 
 @dataclass
 class Refined:
-    masks: np.ndarray          # bool N × H × W: training labels (accepted: coarse mask; rest: pseudo-label)
+    masks: np.ndarray          # bool N × H × W: training labels (accepted: see `recipe`; rest: pseudo-label)
     accepted: np.ndarray       # bool N
-    agreement: np.ndarray      # IoU of the few-shot prediction with the coarse mask (first pass)
+    agreement: np.ndarray      # IoU of the few-shot prediction with the coarse mask (support: the real examples)
     support_size: int
+    first_pred: np.ndarray | None = None  # bool N × H × W: the few-shot prediction with the real support only
+
+
+RECIPES = ("reference", "sequential")
 
 
 def refine(pipe, syn: Synthetic, real_images, real_masks, threshold: float = 0.8, t: int = 300, prompt: str = "",
-           feats: torch.Tensor | None = None, real_feats: torch.Tensor | None = None) -> Refined:
-    """Accept synthetic samples whose few-shot prediction (support: the real examples) agrees with their coarse mask
-    (IoU > threshold), most agreeing first, each accepted one joining the support set; then pseudo-label the rest
-    with the grown support set. Features: `unet_features(pipe, images, t, prompt=prompt)` unless given."""
+           feats: torch.Tensor | None = None, real_feats: torch.Tensor | None = None,
+           recipe: str = "reference") -> Refined:
+    """Refine the coarse masks with a few-shot segmenter whose support set starts as the real examples.
+
+    recipe "reference" (RogerQi/AlignDiff's `generate_mask_one_class`): one pass — predict every synthetic sample
+    with the real support; a sample whose prediction agrees with its coarse mask (IoU > threshold) is accepted and
+    *labelled with that prediction*; the accepted samples join the support set; the grown segmenter pseudo-labels
+    the rest.
+    recipe "sequential" (a variant, not the reference): accepted samples keep their *coarse mask* as label, and
+    acceptance is re-checked one sample at a time (most agreeing first) as the support set grows.
+    Features: `unet_features(pipe, images, t, prompt=prompt)` unless given."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, not {recipe!r}")
     real_images, real_masks = check_examples(real_images, real_masks)
     size = syn.masks.shape[1:]
     feats = unet_features(pipe, syn.images, t, prompt=prompt) if feats is None else feats
@@ -465,19 +541,25 @@ def refine(pipe, syn: Synthetic, real_images, real_masks, threshold: float = 0.8
     seg = PrototypeSegmenter(real_feats, real_masks)
     pred = seg.predict(feats, size)
     agree = np.array([iou(p, m) for p, m in zip(pred, syn.masks)])
-    accepted = np.zeros(len(agree), bool)
-    for i in np.argsort(-agree):
-        if agree[i] <= threshold:
-            break
-        p = seg.predict(feats[i:i + 1], size)[0]  # re-check with the support grown so far
-        if iou(p, syn.masks[i]) > threshold and syn.masks[i].any():
-            accepted[i] = True
-            seg.add(feats[i:i + 1], syn.masks[i:i + 1])
     labels = syn.masks.copy()
+    if recipe == "reference":
+        accepted = (agree > threshold) & pred.any((1, 2))
+        labels[accepted] = pred[accepted]
+        if accepted.any():
+            seg.add(feats[accepted], pred[accepted])
+    else:
+        accepted = np.zeros(len(agree), bool)
+        for i in np.argsort(-agree):
+            if agree[i] <= threshold:
+                break
+            p = seg.predict(feats[i:i + 1], size)[0]  # re-check with the support grown so far
+            if iou(p, syn.masks[i]) > threshold and syn.masks[i].any():
+                accepted[i] = True
+                seg.add(feats[i:i + 1], syn.masks[i:i + 1])
     rest = np.flatnonzero(~accepted)
     if len(rest):
         labels[rest] = seg.predict(feats[rest], size)
-    return Refined(labels, accepted, agree, len(seg.fg))
+    return Refined(labels, accepted, agree, len(seg.fg), pred)
 
 
 # ---------------------------------------------------------------------------------------------------------------

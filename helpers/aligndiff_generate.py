@@ -101,7 +101,7 @@ def write_manifest(out: Path, settings: dict, n: int):
 
 
 def run(out, category: str = "star", n: int = 16, prompts: list[str] | None = None, model: str | None = None,
-        steps: int = 50, guidance: float = 7.5, threshold: float = 0.5, seed: int = 0, batch: int = 8,
+        steps: int = 50, guidance: float = 7.5, threshold: float = 0.4, seed: int = 0, batch: int = 8,
         embeddings: str | None = None, state=None, pipe=None, progress: bool = True) -> list[int]:
     """Generate items 0 … n−1 into `out` (this process's share); returns the item numbers this process wrote."""
     from tqdm.auto import tqdm
@@ -190,7 +190,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model (default: the loading rule of helpers.loading)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--threshold", type=float, default=0.5, help="coarse mask = attention heat > threshold")
+    ap.add_argument("--threshold", type=float, default=0.4,
+                    help="coarse mask = attention heat > threshold (0.4, as the reference)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args(argv)

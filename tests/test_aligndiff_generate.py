@@ -68,7 +68,9 @@ def test_resume_skips_finished_items(tmp_path, pipe):
     assert _run(tmp_path, pipe) == [1]  # only the missing item is made again
     assert (tmp_path / "000000.png").stat().st_mtime_ns == before
     assert _run(tmp_path, pipe, n=4) == [3]  # a longer run of the same settings continues
-    assert len(json.loads((tmp_path / "manifest.json").read_text())["items"]) == 4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["items"]) == 4
+    assert manifest["settings"]["threshold"] == 0.4  # the default, as the reference
 
 
 def test_folder_with_a_different_run_is_refused(tmp_path, pipe):
