@@ -1,21 +1,26 @@
-"""DiffEdit masks compared on held-out toy edits: purist vs fast vs diffusers' generate_mask (notebook 02's table).
+"""DiffEdit on held-out toy edits, measured in one run (notebook 02's tables, the README's DiffEdit section).
 
     python bench/diffedit_masks.py            # 21 edits: colour, shape, one object of three
     python bench/diffedit_masks.py --n 60 --model sd15
+    python bench/diffedit_masks.py --no-edits # masks only
 
-Mask IoU against the ground-truth region, UNet evaluations, and seconds (as ratios to the fast mask, measured in
-this one run).
+Masks: IoU against the ground-truth region (the object before and after the edit), UNet evaluations, wall time
+relative to the fast mask. Edits: success (the toy world's detector finds an object of the query's colour and shape
+in the region; it can say "no object"), PSNR outside the region, UNet evaluations (mask included). Both tables
+print as markdown, ready for the README.
 """
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import toyworld as tw  # noqa: E402
-from helpers.diffedit import compare_masks, mask_methods, table_text  # noqa: E402
+from helpers.diffedit import (compare_edits, compare_masks, edit_methods, edit_table_markdown,  # noqa: E402
+                              failure_kind, mask_methods, table_markdown)
 from helpers.images import native_size  # noqa: E402
 from helpers.loading import load_pipeline  # noqa: E402
 
@@ -25,12 +30,28 @@ def main():
     ap.add_argument("--model", default="toy")
     ap.add_argument("--n", type=int, default=21)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-edits", action="store_true", help="measure the masks only")
     a = ap.parse_args()
+    t0 = time.perf_counter()
     pipe = load_pipeline(a.model)
     cases = tw.edit_cases(a.n, size=native_size(pipe))
-    table = compare_masks(pipe, cases, mask_methods(pipe, seed=a.seed))
-    print(f"{a.n} held-out edits ({', '.join(sorted({c.kind for c in cases}))})")
-    print(table_text(table, cases))
+    kinds = sorted({c.kind for c in cases})
+    counts = ", ".join(f"{sum(c.kind == k for c in cases)} {k}" for k in kinds)
+    masks = compare_masks(pipe, cases, mask_methods(pipe, seed=a.seed))
+    print(f"Masks on {a.n} held-out edits ({counts}), model {a.model}, seed {a.seed}:\n")
+    print(table_markdown(masks, cases))
+    if not a.no_edits:
+        edits = compare_edits(pipe, cases, edit_methods(pipe, seed=a.seed))
+        print(f"\nEdits on the same {a.n} edits (success: the detector finds the query's colour and shape in the "
+              "region; PSNR outside the region against the input):\n")
+        print(edit_table_markdown(edits, cases))
+        for name, r in edits.items():
+            reasons = {}
+            for why in map(failure_kind, r["reason"]):
+                reasons[why] = reasons.get(why, 0) + 1
+            print(f"\n{name}: " + "; ".join(f"{k} ×{v}" for k, v in sorted(reasons.items(), key=lambda x: -x[1])))
+    print(f"\n({time.perf_counter() - t0:.0f} s on {os.cpu_count()} cores, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
 
 
 if __name__ == "__main__":

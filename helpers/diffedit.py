@@ -8,9 +8,15 @@ notebooks and the benchmark import.
 - `fast_mask`: one UNet call for all n draws and both prompts (with guidance): the difference of the predicted
   clean latents x0 at the strength's timestep. With shared noise, x0_q − x0_r = −√((1−ᾱ)/ᾱ)·(ε_q − ε_r): the same
   map as the noise-prediction difference diffusers uses, up to a constant factor.
-- `binarise_diffusers`: diffusers' rule (clamp at 3× the mean, rescale to [0, 1], threshold 0.5).
-- `masked_diffusion`: DDIM-encode the input, decode under the query, and at every step keep the outside of the mask
-  equal to the input's encoding at that step.
+- Both return the *raw* map (normalise it only to look at it): `binarise_diffusers` needs the raw values.
+- `binarise_diffusers`: diffusers' `generate_mask` rule exactly: divide the raw map by 3× its mean, clamp to
+  [0, 1], keep > 0.5 (that is: keep the pixels above 1.5× the map's mean).
+- `masked_diffusion`: two recipes. `recipe="inversion"` (the DiffEdit paper, diffusers' pipeline): DDIM-encode the
+  input, decode under the query, and at every step paste the input's encoding at that step outside the mask.
+  `recipe="blend"` (the purist recipe of the FastDiffEdit blog post): noise the input as img2img does, and at every
+  step blend a query step (inside) with a reference step (outside), both taken from the current latent.
+- `edit_report` / `compare_edits`: was the edit made (the toy world's detector in the edited region) and was the
+  rest kept (PSNR outside the region)?
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import (add_noise, conditioning, ddim_invert, denoise, predict_noise, prompt_embeddings, seeded_noise,
-                       start_index, timesteps, x0_from_eps)
+from .sampling import (add_noise, conditioning, convert_output, ddim_invert, ddim_step, denoise, predict_noise,
+                       predict_output, prompt_embeddings, seeded_noise, start_index, step_gap, timesteps)
 from .metrics import normalise  # also imported from here by notebooks 01-02
 
 
@@ -53,10 +59,12 @@ def _check_latents(latents: torch.Tensor):
 
 @torch.no_grad()
 def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength: float = 0.5, steps: int = 50,
-                guidance: float = 7.5, seed: int = 0, progress: bool = False) -> torch.Tensor:
-    """The purist DiffEdit map (h×w latent grid, normalised to [0, 1]): mean |denoised_query − denoised_reference|.
+                guidance: float = 7.5, seed: int = 0, progress: bool = False,
+                per_draw: bool = False) -> torch.Tensor:
+    """The purist DiffEdit map (h×w latent grid, raw values): mean |denoised_query − denoised_reference|.
 
-    All n draws and both prompts run as one batch of 2n through `steps·strength` guided DDIM steps.
+    All n draws and both prompts run as one batch of 2n through `steps·strength` guided DDIM steps. With
+    `per_draw=True`, the n maps of the single draws (n×h×w) instead of their mean.
     """
     check_prompts(reference, query)
     _check_n(n)
@@ -68,13 +76,15 @@ def purist_mask(pipe, latents, reference: str, query: str, n: int = 10, strength
     noisy = add_noise(pipe, z, t0, torch.cat([noise, noise]))
     cond = torch.cat([prompt_embeddings(pipe, reference, n), prompt_embeddings(pipe, query, n)])
     out = denoise(pipe, noisy, cond, steps, guidance, start=i0, progress=progress)
-    return normalise((out[n:] - out[:n]).abs().mean(1).mean(0))
+    maps = (out[n:] - out[:n]).abs().mean(1)
+    return maps if per_draw else maps.mean(0)
 
 
 @torch.no_grad()
 def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: float = 0.5, steps: int = 50,
               guidance: float = 7.5, seed: int = 0) -> torch.Tensor:
-    """The fast DiffEdit map (h×w, [0, 1]): mean |x0_query − x0_reference| from ONE batched UNet call (4n samples)."""
+    """The fast DiffEdit map (h×w, raw values): mean |x0_query − x0_reference| from ONE batched UNet call (4n
+    samples)."""
     check_prompts(reference, query)
     _check_n(n)
     _check_latents(latents)
@@ -84,15 +94,27 @@ def fast_mask(pipe, latents, reference: str, query: str, n: int = 20, strength: 
     noisy = add_noise(pipe, z, t, torch.cat([noise, noise]))
     cond = torch.cat([prompt_embeddings(pipe, reference, n), prompt_embeddings(pipe, query, n)])
     cond, unc = conditioning(pipe, cond, "", 2 * n)
-    eps = predict_noise(pipe, noisy, t, cond, unc, guidance)
-    x0 = x0_from_eps(pipe, noisy, eps, t)
-    return normalise((x0[n:] - x0[:n]).abs().mean(1).mean(0))
+    x0 = convert_output(pipe, predict_output(pipe, noisy, t, cond, unc, guidance), noisy, t, "sample")  # ε, x0 or v
+    return (x0[n:] - x0[:n]).abs().mean(1).mean(0)
 
 
 def binarise_diffusers(diff: torch.Tensor, ratio: float = 3.0) -> torch.Tensor:
-    """diffusers' `generate_mask` rule: clamp at ratio × mean, rescale to [0, 1], threshold at 0.5."""
-    d = torch.minimum(diff.clamp(min=0), ratio * diff.mean())
-    return normalise(d) > 0.5
+    """diffusers' `generate_mask` rule, exactly: divide the raw map by `ratio` × its mean, clamp to [0, 1], keep
+    > 0.5. With the default ratio 3 it keeps the pixels above 1.5× the map's mean.
+
+    Pass the raw difference map (`fast_mask`, `purist_mask`): after a min-max normalisation the mean moves and the
+    mask changes.
+    """
+    d = torch.as_tensor(diff, dtype=torch.float32)
+    if d.ndim != 2:
+        raise ValueError(f"expected one h×w difference map, got shape {tuple(d.shape)}")
+    if not ratio > 0:
+        raise ValueError(f"ratio must be positive, got {ratio}")
+    clamp = d.mean() * ratio
+    if not clamp > 0:
+        raise ValueError("the difference map is zero everywhere (its mean is not positive): the reference and "
+                         "query predictions agree, so there is nothing to mask; check that the prompts differ")
+    return d.clamp(0, clamp) / clamp > 0.5
 
 
 def blur(mask: torch.Tensor, sigma: float = 1.0, size: int = 3) -> torch.Tensor:
@@ -119,14 +141,26 @@ def to_latent_mask(pipe, mask, latents: torch.Tensor) -> torch.Tensor:
                      f"({h * f}×{w * f}); resize it to one of them")
 
 
+MASKED_DIFFUSION_RECIPES = ("inversion", "blend")
+
+
 @torch.no_grad()
 def masked_diffusion(pipe, latents, mask, reference: str, query: str, strength: float = 0.7, steps: int = 50,
-                     guidance: float = 7.5, progress: bool = False) -> torch.Tensor:
-    """DiffEdit's step 2 and 3: DDIM-encode the input under the reference prompt to the strength's timestep, then
-    decode under the query; after every step, outside the mask, put back the input's encoding at that step.
+                     guidance: float = 7.5, progress: bool = False, recipe: str = "inversion",
+                     seed: int = 0) -> torch.Tensor:
+    """DiffEdit's steps 2 and 3: edit inside the mask under the query, keep the outside. Returns the edited latents.
+    The mask may be at latent or image size, binary or soft.
 
-    Returns the edited latents. The mask may be at latent or image size, binary or soft.
+    recipe="inversion" (the DiffEdit paper and diffusers' pipeline): DDIM-encode the input under the reference
+    prompt to the strength's timestep, then decode under the query; after every step, outside the mask, put back
+    the input's encoding at that step. The outside ends exactly on the input's latents.
+    recipe="blend" (the purist recipe of the FastDiffEdit blog post): add fresh noise (`seed`) to the input as img2img
+    does, then at every step take one guided step under the query and one under the reference from the same latent,
+    and keep the query's inside the mask, the reference's outside. Twice the UNet evaluations per step, no
+    inversion; the outside is re-drawn under the reference caption, so it is close to the input, not equal.
     """
+    if recipe not in MASKED_DIFFUSION_RECIPES:
+        raise ValueError(f"recipe must be one of {MASKED_DIFFUSION_RECIPES}, not {recipe!r}")
     check_prompts(reference, query)
     _check_latents(latents)
     m = to_latent_mask(pipe, mask, latents)
@@ -136,6 +170,8 @@ def masked_diffusion(pipe, latents, mask, reference: str, query: str, strength: 
         warnings.warn("the mask covers more than 95% of the image: the edit will not preserve the input",
                       stacklevel=2)
     i0 = start_index(steps, strength)
+    if recipe == "blend":
+        return _blend_diffusion(pipe, latents, m, reference, query, i0, steps, guidance, seed, progress)
     traj = ddim_invert(pipe, latents, reference, steps, guidance=1.0)  # x_0 … x_T along the schedule
     ts = timesteps(pipe, steps)
     # traj[k] sits at the k-th ascending timestep; the descending index i starts from ts[i] = traj[len(ts) - i]
@@ -148,13 +184,37 @@ def masked_diffusion(pipe, latents, mask, reference: str, query: str, strength: 
     return denoise(pipe, start, query, steps, guidance, start=i0, callback=keep_outside, progress=progress)
 
 
+@torch.no_grad()
+def _blend_diffusion(pipe, latents, m, reference, query, i0, steps, guidance, seed, progress):
+    """The blog's purist masked diffusion: x ← m·step_query(x) + (1−m)·step_reference(x), from img2img noise."""
+    from tqdm.auto import tqdm
+    ts = timesteps(pipe, steps)
+    x = add_noise(pipe, latents, ts[i0], seeded_noise(latents.shape, seed, latents))
+    cond = torch.cat([prompt_embeddings(pipe, reference, 1), prompt_embeddings(pipe, query, 1)])
+    cond, unc = conditioning(pipe, cond, "", 2)
+    gap = step_gap(pipe, steps)
+    for i in tqdm(range(i0, len(ts)), desc="masked diffusion", disable=not progress, leave=False):
+        both = torch.cat([x, x])                                      # [reference, query] from the same latent
+        eps = predict_noise(pipe, both, ts[i], cond, unc, guidance)
+        ref, qry = ddim_step(pipe, both, eps, ts[i], int(ts[i]) - gap).chunk(2)
+        x = m * qry + (1 - m) * ref
+    return x
+
+
 def diffedit_pipeline(pipe):
     """diffusers' StableDiffusionDiffEditPipeline built from an already loaded pipeline's parts (no reload)."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+    from diffusers.utils import logging as dlog
     parts = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet")}
-    p = StableDiffusionDiffEditPipeline(**parts, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                        inverse_scheduler=DDIMInverseScheduler.from_config(pipe.scheduler.config),
-                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # its deprecation notice (no fixes after diffusers 0.33.1): notebook 02 says it once
+    try:
+        cfg = pipe.scheduler.config
+        p = StableDiffusionDiffEditPipeline(**parts, scheduler=DDIMScheduler.from_config(cfg),
+                                            inverse_scheduler=DDIMInverseScheduler.from_config(cfg),
+                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    finally:
+        dlog.set_verbosity(level)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -310,6 +370,8 @@ def mask_methods(pipe, n_purist: int = 10, n_fast: int = 20, strength: float = 0
             lambda p, z, c: binarise_diffusers(purist_mask(p, z, c.reference, c.query, n=n_purist, **kw)),
         f"fast (n={n_fast}, 1 call)":
             lambda p, z, c: binarise_diffusers(fast_mask(p, z, c.reference, c.query, n=n_fast, **kw)),
+        "fast, blurred > 0 (the blog's clean-up)":
+            lambda p, z, c: blur(binarise_diffusers(fast_mask(p, z, c.reference, c.query, n=n_fast, **kw))) > 0,
         "fast, averaged captions":
             lambda p, z, c: binarise_diffusers(fast_mask(p, z, averaged(p, c.reference), averaged(p, c.query),
                                                          n=n_fast, **kw)),
@@ -335,3 +397,187 @@ def table_text(table: dict, cases=None) -> str:
             lines.append(f"  {name:26s} " + "  ".join(
                 f"{k}: {np.mean([v for v, c in zip(r['iou'], cases) if c.kind == k]):.2f}" for k in kinds))
     return "\n".join(lines)
+
+
+def _by_kind(values, cases, kind):
+    return float(np.mean([v for v, c in zip(values, cases) if c.kind == kind]))
+
+
+def table_markdown(table: dict, cases) -> str:
+    """The mask comparison as a markdown table (the README's and notebook 02's): mean ± sd IoU, IoU per kind of
+    edit, UNet evaluations, and wall time relative to the fast mask (or to the first method)."""
+    base = next((k for k in table if k.startswith("fast (")), next(iter(table)))
+    ref_s = np.mean(table[base]["seconds"])
+    kinds = sorted({c.kind for c in cases})
+    head = ["mask", "IoU (mean ± sd)", *[f"IoU, {k}" for k in kinds], "UNet evaluations", f"time × {base}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in table.items():
+        cells = [name, f"{np.mean(r['iou']):.2f} ± {np.std(r['iou']):.2f}",
+                 *[f"{_by_kind(r['iou'], cases, k):.2f}" for k in kinds], f"{np.mean(r['evals']):.0f}",
+                 f"{np.mean(r['seconds']) / ref_s:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# --- Edits measured as edits: was the object changed, was the rest kept? -----------------------------------------
+
+def edit_goal(case) -> tuple[str, str]:
+    """(colour, shape) the edited object must have: the toy world's rendering of the query says it."""
+    o = case.target.objects[case.index]
+    return o.colour, o.shape
+
+
+def edit_report(image, case) -> dict:
+    """Score one edited image (uint8 H×W×3 or PIL) against its toy edit case.
+
+    success: the toy world's detector finds an object in the edited region with the query's colour and shape
+    (it says "no object" when the region holds none); colour_share: the share of the region in the query's colour;
+    psnr_out: PSNR (dB) against the input outside the region, i.e. how well the rest was kept; reason: the
+    detector's words.
+    """
+    from . import toyworld as tw
+    from .metrics import psnr
+    img = np.asarray(image)
+    if img.shape != case.scene.image.shape or img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image of shape {case.scene.image.shape} (the input's), got "
+                         f"{img.dtype} {img.shape}; convert with np.asarray(pil_image)")
+    colour, shape = edit_goal(case)
+    v = tw.edit_verdict(img, case.region, colour=colour, shape=shape)
+    return dict(success=bool(v.success), colour_share=float(v.colour_share),
+                psnr_out=psnr(img, case.scene.image, mask=~case.region), reason=v.reason)
+
+
+def failure_kind(reason: str) -> str:
+    """The detector's reason in a few words: "edit found", "no object in the region", "wrong colour",
+    "wrong shape" or "wrong colour and shape"."""
+    if reason.startswith("no object") or reason == "edit found":
+        return reason
+    parts = reason.split(";")
+    wrong = [w for w, hit in (("colour", any("looks like" not in p and ", not " in p for p in parts)),
+                              ("shape", any("looks like" in p for p in parts))) if hit]
+    return "wrong " + " and ".join(wrong) if wrong else reason
+
+
+def inpaint_pipeline(pipe, model=None):
+    """diffusers' StableDiffusionInpaintPipeline: built from the loaded pipeline's parts (model=None: its plain
+    4-channel UNet, which the pipeline uses by blending the noised input back outside the mask at every step), or
+    loaded from an inpainting checkpoint (9 input channels: latents, mask, masked image's latents)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    if model is None:
+        parts = {k: v for k, v in pipe.components.items()
+                 if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        p = StableDiffusionInpaintPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    else:
+        from .loading import load_pipeline
+        p = load_pipeline(model, cls=StableDiffusionInpaintPipeline)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _u8(latents_or_pil, pipe=None) -> np.ndarray:
+    if isinstance(latents_or_pil, torch.Tensor):
+        from .images import decode
+        x = decode(pipe, latents_or_pil)[0]
+        return ((x.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    return np.asarray(latents_or_pil.convert("RGB"))
+
+
+def edit_methods(pipe, n_fast: int = 20, strength: float = 0.5, edit_strength: float = 0.7,
+                 inpaint_strength: float = 0.8, steps: int = 50, guidance: float = 7.5, seed: int = 0,
+                 inpaint_model=None) -> dict:
+    """The edits compared in notebook 02 and bench/diffedit_masks.py. Each maps (pipe, latents, case) -> the edited
+    image (uint8 H×W×3).
+
+    - masked diffusion: fast mask (diffusers' rule), `masked_diffusion(recipe="inversion")` at `edit_strength`;
+    - inpainting: fast mask, blurred > 0 (the blog's clean-up), StableDiffusionInpaintPipeline at strength 1;
+    - diffusers' DiffEdit pipeline: `generate_mask`, `invert` and the edit at `inpaint_strength` (both calls);
+    - no edit: the input through the VAE, the ceiling of PSNR outside (and an edit the detector must reject).
+    """
+    from PIL import Image
+    dp = diffedit_pipeline(pipe)
+    ip = inpaint_pipeline(pipe, inpaint_model)
+    kw = dict(strength=strength, steps=steps, guidance=guidance, seed=seed)
+
+    def gen():
+        return torch.Generator().manual_seed(seed)
+
+    def mask(p, z, c):  # a map with no cell above 1.5× its mean (random weights) keeps its upper half instead
+        raw = fast_mask(p, z, c.reference, c.query, n=n_fast, **kw)
+        m = binarise_diffusers(raw)
+        return m if m.any() else normalise(raw) > 0.5
+
+    def masked(p, z, c):
+        m = mask(p, z, c)
+        return _u8(masked_diffusion(p, z, m.float(), c.reference, c.query, edit_strength, steps, guidance), p)
+
+    def inpaint(p, z, c):
+        m = blur(mask(p, z, c)) > 0
+        m_img = Image.fromarray(latent_to_image_mask(m, c.region.shape).astype(np.uint8) * 255)
+        out = ip(c.query, image=c.scene.pil(), mask_image=m_img, num_inference_steps=steps, guidance_scale=guidance,
+                 strength=1.0, generator=gen(), height=c.region.shape[0], width=c.region.shape[1]).images[0]
+        return _u8(out)
+
+    def diffusers_edit(p, z, c):
+        x = torch.from_numpy(c.scene.image).permute(2, 0, 1)[None].float() / 255
+        m = dp.generate_mask(image=x, source_prompt=c.reference, target_prompt=c.query, generator=gen(),
+                             mask_encode_strength=strength, num_inference_steps=steps, guidance_scale=guidance)
+        inv = dp.invert(prompt=c.reference, image=x, inpaint_strength=inpaint_strength, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=gen()).latents
+        out = dp(prompt=c.query, mask_image=m, image_latents=inv, inpaint_strength=inpaint_strength,
+                 negative_prompt=c.reference, num_inference_steps=steps, guidance_scale=guidance,
+                 generator=gen()).images[0]
+        return _u8(out)
+
+    return {f"masked diffusion (fast mask, strength {edit_strength})": masked,
+            "inpainting pipeline (fast mask, blurred)": inpaint,
+            f"diffusers DiffEdit pipeline (strength {inpaint_strength})": diffusers_edit,
+            "no edit (VAE round trip)": lambda p, z, c: _u8(z, p)}
+
+
+def compare_edits(pipe, cases, methods: dict, progress: bool = True) -> dict:
+    """Run each edit method on each toy edit case; per method, lists of `edit_report`'s fields, UNet evaluations,
+    seconds, and the edited images."""
+    import time
+    from tqdm.auto import tqdm
+    from .images import encode
+    from .sampling import UNetCounter
+    out = {name: {"success": [], "colour_share": [], "psnr_out": [], "reason": [], "evals": [], "seconds": [],
+                  "images": []} for name in methods}
+    for case in tqdm(cases, desc="edits", disable=not progress, leave=False):
+        z = encode(pipe, case.scene.image)
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            with UNetCounter(pipe.unet) as c:
+                img = fn(pipe, z, case)
+            out[name]["seconds"].append(time.perf_counter() - t)
+            out[name]["evals"].append(c.evals)
+            out[name]["images"].append(img)
+            for k, v in edit_report(img, case).items():
+                out[name][k].append(v)
+    return out
+
+
+def _mean_sd(values, digits: int = 1) -> str:
+    v = np.asarray(values, dtype=float)
+    if not np.isfinite(v).all():  # PSNR of an unchanged image is infinite
+        return "∞" if np.isinf(v).all() else f"{np.mean(v):.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+def edit_table_markdown(table: dict, cases) -> str:
+    """The edit comparison as a markdown table: success rate (overall and per kind), PSNR outside the region, UNet
+    evaluations per edit (mask included), wall time relative to the first method."""
+    kinds = sorted({c.kind for c in cases})
+    first = next(iter(table))
+    ref_s = np.mean(table[first]["seconds"])
+    head = ["edit", "success", *[f"success, {k}" for k in kinds], "PSNR outside (dB)", "UNet evaluations",
+            "time × first"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in table.items():
+        cells = [name, f"{np.mean(r['success']):.0%} ({sum(r['success'])}/{len(r['success'])})",
+                 *[f"{_by_kind(r['success'], cases, k):.0%}" for k in kinds],
+                 _mean_sd(r["psnr_out"]), f"{np.mean(r['evals']):.0f}",
+                 f"{np.mean(r['seconds']) / ref_s:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from helpers import toyworld as tw
-from helpers.diffedit import (binarise_diffusers, blur, check_prompts, compare_masks, fast_mask, mask_methods,
-                              masked_diffusion, normalise, purist_mask, to_latent_mask)
+from helpers.diffedit import (binarise_diffusers, blur, check_prompts, compare_edits, compare_masks, diffedit_pipeline,
+                              edit_report, edit_table_markdown, fast_mask, mask_methods, masked_diffusion, normalise,
+                              purist_mask, table_markdown, to_latent_mask)
 from helpers.images import encode
 from helpers.sampling import UNetCounter
 
@@ -33,6 +34,14 @@ def test_bad_input(pipe, case):
         masked_diffusion(pipe, z, torch.zeros(16, 16), c.reference, c.query)
     with pytest.raises(ValueError, match="one image"):
         fast_mask(pipe, z.repeat(2, 1, 1, 1), c.reference, c.query)
+    with pytest.raises(ValueError, match="recipe"):
+        masked_diffusion(pipe, z, torch.ones(16, 16), c.reference, c.query, recipe="paper")
+    with pytest.raises(ValueError, match="zero everywhere"):
+        binarise_diffusers(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="one h×w"):
+        binarise_diffusers(torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="uint8 image"):
+        edit_report(c.scene.image[:32], c)
 
 
 def test_costs_in_unet_evaluations(pipe, case):
@@ -55,8 +64,11 @@ def test_fast_map_is_the_noise_difference(pipe, case):
     noise = torch.randn((n, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
     xt = add_noise(pipe, z.expand(2 * n, -1, -1, -1), t, torch.cat([noise, noise]))
     eps = predict_noise(pipe, xt, t, embed(pipe, [c.reference] * n + [c.query] * n), embed(pipe, [""] * 2 * n), 7.5)
-    by_eps = normalise((eps[n:] - eps[:n]).abs().mean(1).mean(0))
-    assert torch.allclose(fast_mask(pipe, z, c.reference, c.query, n=n, seed=0), by_eps, atol=1e-5)
+    by_eps = (eps[n:] - eps[:n]).abs().mean(1).mean(0)
+    fast = fast_mask(pipe, z, c.reference, c.query, n=n, seed=0)
+    a = pipe.scheduler.alphas_cumprod[int(t)]
+    assert torch.allclose(fast, by_eps * ((1 - a) / a).sqrt(), rtol=1e-4, atol=1e-6)  # raw maps: a fixed factor
+    assert torch.equal(binarise_diffusers(fast), binarise_diffusers(by_eps))  # so the same mask
 
 
 def test_masked_diffusion_keeps_the_outside_exactly(pipe, case):
@@ -77,10 +89,76 @@ def test_binarise_and_blur():
     d[0, 0] = 3.0  # one extreme pixel: a plain rescale would lose the block, diffusers' clamp keeps it
     assert binarise_diffusers(d)[2:4, 2:4].all()
     assert not (normalise(d) > 0.5)[2:4, 2:4].any()
+    # the rule reads the raw map: keep what exceeds 1.5× the mean. A min-max normalisation first moves the mean
+    # (here an offset of 1 everywhere) and changes the mask; the exact rule is scale-invariant, not shift-invariant
+    raw = torch.linspace(1, 2, 64).reshape(8, 8)
+    assert not binarise_diffusers(raw).any()           # nothing exceeds 1.5× the mean (1.5): max is 2 < 2.25
+    assert binarise_diffusers(normalise(raw)).sum() == 16  # after min-max: values above 0.75 of [0, 1]
+    assert torch.equal(binarise_diffusers(raw), binarise_diffusers(7 * raw))
     m = torch.zeros(8, 8, dtype=torch.bool)
     m[4, 4] = True
     grown = blur(m) > 0
     assert grown.sum() == 9 and grown[3:6, 3:6].all()
+
+
+def test_binarise_diffusers_is_generate_mask_rule(pipe):
+    """Our rule, applied to the raw map diffusers' own generate_mask computes, gives generate_mask's mask: read the
+    UNet's output inside generate_mask, rebuild its difference map, binarise, compare (three edits)."""
+    dp = diffedit_pipeline(pipe)
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda mod, args, out: seen.append(out.sample.detach().clone()))
+    try:
+        n_differs = 0
+        for c in tw.edit_cases(3, start=40):
+            seen.clear()
+            x = torch.from_numpy(c.scene.image).permute(2, 0, 1)[None].float() / 255
+            theirs = dp.generate_mask(image=x, source_prompt=c.reference, target_prompt=c.query,
+                                      generator=torch.Generator().manual_seed(0))
+            (out,) = seen  # one batched call: [neg. source, source, neg. target, target] × 10 draws
+            neg_s, src, neg_t, tgt = out.chunk(4)
+            g = 7.5
+            raw = ((neg_t + g * (tgt - neg_t)) - (neg_s + g * (src - neg_s))).abs().mean([0, 1])
+            ours = binarise_diffusers(raw)
+            assert torch.equal(ours, torch.from_numpy(theirs[0]) > 0.5)
+            assert ours.any() and not ours.all()
+            n_differs += int(not torch.equal(ours, binarise_diffusers(normalise(raw))))
+        assert n_differs > 0  # the course's former rule (min-max normalise first) would fail this test
+    finally:
+        hook.remove()
+
+
+def test_masked_diffusion_recipes(pipe, case):
+    """inversion pastes the input's DDIM encoding outside (exact); blend re-draws the outside under the reference
+    caption (close, not exact) at twice the evaluations per step and no inversion."""
+    c, z = case
+    m = torch.zeros(16, 16)
+    m[:, :8] = 1
+    with UNetCounter(pipe.unet) as inv:
+        a = masked_diffusion(pipe, z, m, c.reference, c.query, strength=0.5, steps=20, recipe="inversion")
+    with UNetCounter(pipe.unet) as bl:
+        b = masked_diffusion(pipe, z, m, c.reference, c.query, strength=0.5, steps=20, recipe="blend")
+    assert inv.evals == 20 + 10 * 2 and bl.evals == 10 * 4
+    assert torch.allclose(a[..., 8:], z[..., 8:], atol=1e-4)
+    err = (b[..., 8:] - z[..., 8:]).abs().mean()
+    assert 1e-3 < err < (z[..., 8:] - z[..., 8:].mean()).abs().mean()  # moved, but far less than the content
+    assert not torch.allclose(a[..., :8], b[..., :8], atol=1e-2)
+
+
+def test_edit_report_says_no_when_nothing_changed(monkeypatch):
+    import helpers.images
+    cases = tw.edit_cases(3, start=60)
+    methods = {"the wanted result": lambda p, z, c: c.target.image, "the input": lambda p, z, c: c.scene.image,
+               "blank": lambda p, z, c: np.full_like(c.scene.image, 200)}
+
+    class _P:  # no model needed: these "edits" ignore the latents `compare_edits` encodes
+        unet = torch.nn.Identity()
+    monkeypatch.setattr(helpers.images, "encode", lambda pipe, img: None)
+    t = compare_edits(_P(), cases, methods, progress=False)
+    assert all(t["the wanted result"]["success"])
+    assert not any(t["the input"]["success"]) and t["the input"]["psnr_out"][0] == float("inf")
+    assert t["blank"]["reason"] == ["no object in the region"] * 3
+    md = edit_table_markdown(t, cases)
+    assert "| the wanted result | 100% (3/3) |" in md and "| blank | 0% (0/3) |" in md
 
 
 def test_fast_mask_finds_the_edited_object(pipe):
@@ -89,6 +167,7 @@ def test_fast_mask_finds_the_edited_object(pipe):
                           progress=False)
     (r,) = table.values()
     assert len(r["iou"]) == 6 and all(e == 80 for e in r["evals"])
+    assert table_markdown(table, cases).splitlines()[2].startswith(f"| fast (n=20, 1 call) | {np.mean(r['iou']):.2f}")
     # a mask that missed the object would score about 0.1 (an object's share of the image); the bundled model
     # measures 0.35 on these six edits (0.41 on the 7 colour edits of bench/diffedit_masks.py)
     assert np.mean(r["iou"]) >= 0.3
