@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .sampling import UNetCounter, ddim_invert, ddim_step, denoise, prompt_embeddings, timesteps
+from .sampling import (UNetCounter, convert_output, ddim_invert, ddim_step, denoise, prompt_embeddings, step_gap,
+                       timesteps)
 from .text import embed
 
 # The reference schedule (Mokady et al.'s code): per-step Adam, lr 1e-2·(1 − i/100), ≤ 10 inner iterations,
@@ -146,19 +147,19 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
     t_start = time.perf_counter()
     latents = latents.to(unet.device, torch.float32)
     with UNetCounter(unet) as count:
-        pivot = ddim_invert(work, latents, prompt, steps, 1.0)
         cond = prompt_embeddings(pipe, prompt).detach().to(torch.float32)
+        pivot = ddim_invert(work, latents, cond, steps, 1.0)  # float32 embeddings: a float16 text encoder's are cast
         null = (cond if opt["init"] == "prompt" else embed(pipe, "")).detach().to(torch.float32).clone()
         ts = timesteps(pipe, steps)
-        step_ratio = pipe.scheduler.config.num_train_timesteps // steps
+        gap = step_gap(pipe, steps)
         x = pivot[-1]
         nulls, losses = [], []
         bar = tqdm(total=len(ts[:n_steps]) * opt["inner_steps"], desc="null-text inversion", disable=not progress,
                    leave=False)
         for i, t in enumerate(ts[:n_steps]):
-            target, t_next = pivot[-2 - i], int(t) - step_ratio
+            target, t_next = pivot[-2 - i], int(t) - gap
             with torch.no_grad():
-                eps_c = unet(x, t, encoder_hidden_states=cond).sample
+                eps_c = convert_output(work, unet(x, t, encoder_hidden_states=cond).sample, x, t)  # ε, x0 or v → ε
             step_losses, eps_u = [], None
             optimise = opt["optimise_steps"] is None or i < opt["optimise_steps"]
             bar_tol = opt["tol_scale"] * (opt["tol"] + i * opt["tol_slope"])
@@ -173,7 +174,7 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
                 null = null.detach().requires_grad_(True)
                 adam = torch.optim.Adam([null], lr=opt["lr"] * (1 - i * opt["lr_decay"]))
                 for j in range(opt["inner_steps"]):
-                    eps_u = unet(x, t, encoder_hidden_states=null).sample
+                    eps_u = convert_output(work, unet(x, t, encoder_hidden_states=null).sample, x, t)
                     x_next = ddim_step(work, x, eps_u + guidance * (eps_c - eps_u), t, t_next)
                     loss = F.mse_loss(x_next, target)
                     value = loss.item()
@@ -198,7 +199,8 @@ def null_text_inversion(pipe, latents, prompt, steps: int = 50, guidance: float 
             with torch.no_grad():
                 if eps_u is None:
                     same = torch.equal(null, cond)  # uncond = cond: the guided prediction is ε_c, no call needed
-                    eps_u = eps_c if same else unet(x, t, encoder_hidden_states=null).sample
+                    eps_u = eps_c if same else convert_output(work, unet(x, t, encoder_hidden_states=null).sample,
+                                                              x, t)
                 x = ddim_step(work, x, eps_u + guidance * (eps_c - eps_u), t, t_next)
             nulls.append(null.clone())
             losses.append(step_losses)

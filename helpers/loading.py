@@ -58,11 +58,95 @@ def check_bundled(path: Path = BUNDLED):
                          f"`{RETRAIN}`") from e
 
 
+HUB_TIMEOUT = 3.0  # seconds to wait for the hub before saying it cannot be reached
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local folder was meant (not a hub id 'owner/name'): absolute, ./ ../ ~, several slashes, a backslash, or
+    a relative path whose parent folder exists here."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") >= 2 \
+            or name.endswith("/"):
+        return True
+    return name.count("/") == 1 and Path(name).parent.is_dir()
+
+
+def check_model_name(model_id: str, given: str | None = None):
+    """Raise a clear error for a model name that can be neither a local folder nor a hub id.
+
+    given: what the user wrote (a short name, or the value of $DIFFUSION_MODEL), for the message.
+    """
+    given = given or model_id
+    if Path(model_id).expanduser().exists():
+        return
+    if _looks_like_path(model_id):
+        where = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) == given else ""
+        raise FileNotFoundError(
+            f"there is no model folder at {model_id}{where} (looked in {Path(model_id).expanduser().resolve()}); "
+            f"check the path, or use a short name: {', '.join(MODELS)}")
+    if "/" not in model_id:
+        import difflib
+        close = difflib.get_close_matches(model_id, list(MODELS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown model name '{model_id}'.{hint} Known names: {', '.join(MODELS)}; or give a hub id "
+                         f"('owner/name') or a local folder.")
+
+
+def _hub_reachable(timeout: float | None = None) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens within `timeout` seconds (DNS included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout or HUB_TIMEOUT).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout or HUB_TIMEOUT)
+    return bool(ok)
+
+
+def _cached(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(model_id, "model_index.json"), str)
+    except Exception:  # an id the cache cannot even hold
+        return False
+
+
+def fit_scheduler(pipe, verbose: bool = True):
+    """Give `pipe` the DDIM sampler the course's methods are defined on, keeping the model's β-schedule,
+    prediction_type and steps_offset (`helpers.sampling.as_ddim`). A DDIM scheduler is kept as it is; otherwise
+    one line says what replaced what."""
+    from .sampling import as_ddim
+    old = getattr(pipe, "scheduler", None)
+    if old is None:
+        return pipe
+    new = as_ddim(old)
+    if new is not old:
+        pipe.scheduler = new
+        if verbose:
+            c = new.config
+            print(f"Sampler: DDIM built from the model's {type(old).__name__} config (prediction_type "
+                  f"{c.prediction_type}, {c.beta_schedule} betas {c.beta_start}-{c.beta_end}, steps_offset "
+                  f"{c.steps_offset}); the course's methods are defined on DDIM.")
+    return pipe
+
+
 def load_pipeline(model: str | None = None, cls=None, device: str | None = None, dtype: torch.dtype | None = None,
                   progress: bool = False, **kw):
     """Load a diffusers pipeline (StableDiffusionPipeline unless `cls` says otherwise) by the rule above.
 
-    The bundled model loads with the same `from_pretrained` call as real Stable Diffusion.
+    The bundled model loads with the same `from_pretrained` call as real Stable Diffusion. Every pipeline then
+    samples with DDIM (`fit_scheduler`) unless a `scheduler=` is passed.
     """
     from transformers.utils import logging as tlog
     level = tlog.get_verbosity()
@@ -75,6 +159,7 @@ def load_pipeline(model: str | None = None, cls=None, device: str | None = None,
     cls = cls or StableDiffusionPipeline
     if not progress:  # loading bars would only clutter notebooks: the model is small or cached
         dlog.disable_progress_bar(); tlog.disable_progress_bar()
+    given = model or os.environ.get(ENV_VAR)
     model_id = resolve_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
@@ -82,12 +167,23 @@ def load_pipeline(model: str | None = None, cls=None, device: str | None = None,
     if dtype == torch.float16 and device == "cpu":
         raise ValueError("float16 was asked for on the CPU, where it is slow or unsupported; "
                          "use dtype=torch.float32 on the CPU (float16 is for GPUs)")
-    local = Path(model_id)
+    check_model_name(model_id, given)
+    local = Path(model_id).expanduser()
+    if local.exists():
+        model_id = str(local)
     if is_bundled(model_id):
         check_bundled(local)
-    elif not local.exists() and _offline():
-        raise RuntimeError(f"'{model_id}' is a hub id, but the hub is offline here (HF_HUB_OFFLINE=1). "
-                           f"Use the bundled toy model instead: load_pipeline('toy') or unset ${ENV_VAR}.")
+    elif not local.exists():
+        if _offline():
+            raise RuntimeError(f"'{model_id}' is a hub id, but the hub is offline here (HF_HUB_OFFLINE=1). "
+                               f"Use the bundled toy model instead: load_pipeline('toy') or unset ${ENV_VAR}.")
+        if not _hub_reachable():
+            if not _cached(model_id):
+                raise RuntimeError(
+                    f"cannot reach the model hub to fetch '{model_id}' (no answer within {HUB_TIMEOUT:g} s) and it "
+                    f"is not in the local cache. Without a network, use the bundled toy model: load_pipeline('toy')"
+                    f"; to skip this check, set HF_HUB_OFFLINE=1.") from None
+            kw.setdefault("local_files_only", True)  # the cached copy, without waiting for the hub
     extra = {}
     if cls.__name__.startswith("StableDiffusion") and not is_bundled(model_id):
         extra = dict(safety_checker=None, requires_safety_checker=False)
@@ -96,8 +192,11 @@ def load_pipeline(model: str | None = None, cls=None, device: str | None = None,
     except OSError as e:
         if local.exists():
             raise
-        raise RuntimeError(f"Could not fetch '{model_id}' from the hub ({type(e).__name__}). Without a network, "
-                           f"use the bundled toy model: load_pipeline('toy').") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(f"Could not fetch '{model_id}' from the hub ({type(e).__name__}: {first[:200]}). Check "
+                           f"the id; without a network, use the bundled toy model: load_pipeline('toy').") from None
+    if "scheduler" not in kw:
+        fit_scheduler(pipe)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe

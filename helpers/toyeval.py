@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import toyworld as tw
 from .attention import capture_attention, cross_maps
-from .images import decode, encode
+from .images import decode, encode, native_size
 from .metrics import binarise, iou, psnr
 from .sampling import add_noise, generate
 from .text import embed, token_positions
@@ -19,7 +19,7 @@ from .text import embed, token_positions
 
 def vae_psnr(pipe, n: int = 64, start: int = 0) -> float:
     """Mean PSNR (dB) of VAE round trips of held-out scenes."""
-    scenes = [tw.heldout_scene(start + i) for i in range(n)]
+    scenes = [tw.heldout_scene(start + i, size=native_size(pipe)) for i in range(n)]
     rec = decode(pipe, encode(pipe, [s.image for s in scenes]))
     x = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
     return float(np.mean([psnr(r, xx) for r, xx in zip(rec, x)]))
@@ -27,7 +27,7 @@ def vae_psnr(pipe, n: int = 64, start: int = 0) -> float:
 
 def adherence(pipe, n: int = 64, start: int = 0, steps: int = 25, guidance: float = 7.5, batch: int = 16):
     """Share of held-out captions whose generated image holds each named colour and no other; and the images."""
-    caps = [tw.heldout_scene(start + i).caption for i in range(n)]
+    caps = [tw.heldout_scene(start + i, size=native_size(pipe)).caption for i in range(n)]
     ok, images = [], []
     for b in range(0, n, batch):
         lat = generate(pipe, caps[b:b + batch], steps=steps, guidance=guidance, seed=start + b)
@@ -47,7 +47,7 @@ def cross_attention_iou(pipe, n: int = 64, start: int = 0, t: int = 500, thresho
     thresholded. Returns {"shape": mean IoU, "colour": mean IoU}.
     """
     out = {"shape": [], "colour": []}
-    scenes = [tw.heldout_scene(start + i) for i in range(n)]
+    scenes = [tw.heldout_scene(start + i, size=native_size(pipe)) for i in range(n)]
     lat = encode(pipe, [s.image for s in scenes])
     noisy = add_noise(pipe, lat, t, seed=seed)
     caps = [s.caption for s in scenes]
@@ -73,7 +73,7 @@ def self_attention_share(pipe, n: int = 64, start: int = 0, t: int = 300, prompt
     "RxR objects", over object cells only (the harder part: objects are small); "… uniform" entries give what
     attention spread evenly over the image would score, the baseline to beat.
     """
-    scenes = [tw.heldout_scene(start + i) for i in range(n)]
+    scenes = [tw.heldout_scene(start + i, size=native_size(pipe)) for i in range(n)]
     lat = encode(pipe, [s.image for s in scenes])
     noisy = add_noise(pipe, lat, t, seed=seed)
     cond = embed(pipe, [prompt] * n)
