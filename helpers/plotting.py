@@ -73,3 +73,29 @@ def colour_segments(labels) -> np.ndarray:
     """An integer label map -> an RGB picture, one fixed colour per label."""
     lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
     return SEGMENT_COLOURS[lab % len(SEGMENT_COLOURS)]
+
+
+def static_then_controls(draw, note: str = "controls: they need a live kernel (Jupyter or Colab)", **controls):
+    """Draw `draw(**defaults)` once as a plain output (what a notebook read on GitHub or as HTML shows), then attach
+    `controls` (ipywidgets, one per keyword of `draw`) and an output area that redraws only when a control changes,
+    so a live notebook never shows the default figure twice. Without a kernel the controls' place shows `note`
+    instead of a widget's raw repr. Returns the output area."""
+    import ipywidgets as widgets
+    from IPython.display import display
+    if not controls:
+        raise ValueError("no controls given: pass one ipywidget per keyword of draw, e.g. t=IntSlider(...)")
+    out = widgets.Output()
+
+    def redraw(_change=None):
+        with out:
+            out.clear_output(wait=True)
+            draw(**{k: c.value for k, c in controls.items()})
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    draw(**{k: c.value for k, c in controls.items()})
+    box = widgets.VBox([widgets.HBox(list(controls.values())), out])
+    bundle = box._repr_mimebundle_()
+    bundle["text/plain"] = f"[{note}]"
+    display(bundle, raw=True)
+    return out

@@ -30,3 +30,18 @@ def test_heat_overlay_and_segments():
     assert out.shape == (16, 16, 3) and out[0, 0].tolist() != out[15, 15].tolist()
     seg = colour_segments(np.array([[0, 1], [2, 1]]))
     assert seg.shape == (2, 2, 3) and (seg[0, 1] == seg[1, 1]).all() and (seg[0, 0] != seg[0, 1]).any()
+
+
+def test_static_then_controls_draws_once_then_on_change_only(capsys):
+    import ipywidgets as widgets
+    calls = []
+    slider = widgets.IntSlider(value=3, min=0, max=9)
+    from helpers.plotting import static_then_controls
+    out = static_then_controls(lambda t: calls.append(t), note="live kernel only", t=slider)
+    assert calls == [3]  # the default view, drawn once as plain output
+    assert "live kernel only" in capsys.readouterr().out  # the text a reader without a kernel sees
+    slider.value = 7
+    assert calls == [3, 7] and isinstance(out, widgets.Output)
+    import pytest
+    with pytest.raises(ValueError, match="no controls"):
+        static_then_controls(lambda: None)
