@@ -1,13 +1,17 @@
-"""Prompt-to-prompt on inverted held-out toy scenes: local-blend masks and the three kinds of edit, measured.
+"""Prompt-to-prompt on inverted toy scenes: local-blend masks and the three kinds of edit, the reference's settings
+against the course's, on tuning scenes (held-out 5000…, where the course's settings are chosen) and on held-out ones.
 
 1. Local blend: for each scene, a word-swap edit (object 0's shape → another shape) is run without blending; the blend
-   mask (source ∪ edited word maps, 3×3 max-pool, / max, > threshold) is then built from each set of cross-attention
-   resolutions and thresholds and scored by IoU with the ground-truth region (the object before ∪ after the edit).
-2. Edits with the chosen blend: word swap (shape), refinement (a colour word added to a caption that lacked it),
-   re-weighting (the object's colour word scaled): PSNR outside the region against the input and against the source
-   branch, PSNR inside between edit and source (low = changed), colour shares inside the region.
+   mask (source ∪ edited word maps, 3×3 max-pool, resize, / max, > threshold) is then built from each set of
+   cross-attention resolutions (fractions of the latent side), resize mode and threshold, and scored by IoU with the
+   ground-truth region (the object before ∪ after the edit).
+2. Edits under each configuration (the "reference" and "course" presets of `helpers.p2p.PRESETS`, and the reference
+   with one course departure at a time): word swap (shape), refinement (a colour word added to a caption that lacked
+   it), re-weighting (the object's colour word scaled). Success is the toy world's detector on the edit (the new
+   shape / the new colour / a colour other than the old one in the region; "no object" counts as a failure); PSNR
+   outside the region against the input measures what was kept.
 
-    python bench/prompt_to_prompt.py --n 10 --steps 20
+    python bench/prompt_to_prompt.py --n 10 --n-tune 8 --steps 20
 """
 from __future__ import annotations
 
@@ -29,10 +33,21 @@ from helpers.images import encode  # noqa: E402
 from helpers.inversion import negative_prompt_inversion, null_text_inversion  # noqa: E402
 from helpers.loading import load_pipeline  # noqa: E402
 from helpers.metrics import iou  # noqa: E402
-from helpers.p2p import blend_mask, edit, edit_scores  # noqa: E402
+from helpers.p2p import PRESETS, blend_mask, edit, edit_scores  # noqa: E402
 
-RESOLUTION_SETS = {"16×16": [16], "8×8": [8], "4×4": [4], "16+8": [16, 8], "all": None}
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+TUNE_START = 5000  # held-out scenes 5000… choose the course's settings; the table's scenes are 0…
+# blend-mask sweep: cross-attention resolutions as fractions of the latent side (None: every resolution)
+SCALE_SETS = {"latent/1": (1,), "latent/2": (1 / 2,), "latent/4": (1 / 4,), "all": None}
+THRESHOLDS = (0.3, 0.5, 0.7)
+RESIZES = ("nearest", "bilinear")
+REF, COURSE = PRESETS["reference"], PRESETS["course"]
+BLEND_KEYS = ("blend_scales", "resize", "threshold")
+CONFIGS = {  # name -> keyword arguments of helpers.p2p.edit
+    "reference": dict(preset="reference"),
+    "course": dict(preset="course"),
+    "reference + course's self-attention cap": dict(preset="reference", self_max=COURSE["self_max"]),
+    "reference + course's blend": dict(preset="reference", **{k: COURSE[k] for k in BLEND_KEYS}),
+}
 
 
 def scenes(n: int, start: int = 0) -> list[tw.Scene]:
@@ -69,78 +84,91 @@ def invert(pipe, z, prompt, steps, guidance, method):
     return null_text_inversion(pipe, z, prompt, steps, guidance, progress=False, **kw)
 
 
-def run(pipe, n=10, steps=20, guidance=7.5, method="warm", threshold=0.5, resolutions=(16,), weight=-2.0,
-        start=0, progress=True):
+def run(pipe, n=10, steps=20, guidance=7.5, method="warm", weight=-2.0, start=0, progress=True, configs=CONFIGS):
     from tqdm.auto import tqdm
-    blend_iou = {(r, th): [] for r in RESOLUTION_SETS for th in THRESHOLDS}
-    rows = {"word swap": [], "refinement": [], "re-weighting": []}
+    blend_iou = {(r, rz, th): [] for r in SCALE_SETS for rz in RESIZES for th in THRESHOLDS}
+    rows = {c: {"word swap": [], "refinement": [], "re-weighting": []} for c in configs}
     for sc in tqdm(scenes(n, start), desc="scenes", disable=not progress):
         z = encode(pipe, sc.image)
         o = sc.objects[0]
         inv = invert(pipe, z, sc.caption, steps, guidance, method)
         target, words, region = swap_case(sc)
+        new_shape = words[1]
         probe = edit(pipe, inv, target, "swap", blend=words, use_blend=False)
-        for name, res in RESOLUTION_SETS.items():
-            for th in THRESHOLDS:
-                m = blend_mask(probe.store, probe.positions, z.shape[-2:], th, resolutions=res)
-                blend_iou[(name, th)].append(iou(latent_to_image_mask(m[0, 0] | m[1, 0], region.shape), region))
-        kw = dict(threshold=threshold, blend_resolutions=resolutions)
-        e = edit(pipe, inv, target, "swap", blend=words, **kw)
-        rows["word swap"].append(edit_scores(pipe, e, sc.image, region))
-        e = edit(pipe, inv, sc.caption, "reweight", weights={o.colour: weight}, blend=(o.colour, o.colour), **kw)
-        rows["re-weighting"].append(edit_scores(pipe, e, sc.image, o.mask, old_colour=o.colour))
-        source, target, words, new = refine_case(sc)
+        for name, scales in SCALE_SETS.items():
+            for rz in RESIZES:
+                for th in THRESHOLDS:
+                    m = blend_mask(probe.store, probe.positions, z.shape[-2:], th, scales=scales, resize=rz)
+                    blend_iou[(name, rz, th)].append(iou(latent_to_image_mask(m[0, 0] | m[1, 0], region.shape),
+                                                         region))
+        source, r_target, r_words, new = refine_case(sc)
         inv_r = invert(pipe, z, source, steps, guidance, method)
-        e = edit(pipe, inv_r, target, "refine", blend=words, **kw)
-        rows["refinement"].append(edit_scores(pipe, e, sc.image, o.mask, colour=new, old_colour=o.colour))
-    for r in rows.values():
-        for s in r:
-            s.pop("images")
-    return {"blend_iou": {f"{k[0]} @ {k[1]}": v for k, v in blend_iou.items()}, "edits": rows}
+        for c, kw in configs.items():
+            e = edit(pipe, inv, target, "swap", blend=words, **kw)
+            rows[c]["word swap"].append(edit_scores(pipe, e, sc.image, region, shape=new_shape, colour=o.colour))
+            e = edit(pipe, inv, sc.caption, "reweight", weights={o.colour: weight}, blend=(o.colour, o.colour), **kw)
+            rows[c]["re-weighting"].append(edit_scores(pipe, e, sc.image, o.mask, old_colour=o.colour, away=True))
+            e = edit(pipe, inv_r, r_target, "refine", blend=r_words, **kw)
+            rows[c]["refinement"].append(edit_scores(pipe, e, sc.image, o.mask, colour=new, old_colour=o.colour))
+    for per in rows.values():
+        for r in per.values():
+            for s in r:
+                s.pop("images")
+                s.pop("found", None)
+                s["success"] = bool(s["success"])
+    return {"blend_iou": {f"{k[0]} {k[1]} > {k[2]}": v for k, v in blend_iou.items()}, "edits": rows}
 
 
-def text(result) -> str:
-    lines = ["Local-blend mask IoU with the edited object's region (source ∪ target mask):", "",
-             "| resolutions | " + " | ".join(f"> {t}" for t in THRESHOLDS) + " |", "|---" * (len(THRESHOLDS) + 1) + "|"]
-    for name in RESOLUTION_SETS:
-        lines.append(f"| {name} | " + " | ".join(f"{np.mean(result['blend_iou'][f'{name} @ {t}']):.2f}"
-                                              for t in THRESHOLDS) + " |")
-    lines += ["", "| edit | PSNR outside vs input | outside vs source branch | inside: edit vs source | colour share "
-              "inside (before → after) |", "|---|---|---|---|---|"]
-    for name, rows in result["edits"].items():
-        def m(k):
-            return np.mean([r[k] for r in rows])
-        share = []
-        for key, label in (("colour", "new colour"), ("old_colour", "old colour")):
-            if f"{key}_before" in rows[0]:
-                share.append(f"{label} {m(key + '_before'):.2f} → {m(key + '_after'):.2f}")
-        lines.append(f"| {name} | {m('outside'):.1f} dB | {m('outside_vs_source'):.1f} dB | "
-                     f"{m('inside_change'):.1f} dB | {'; '.join(share) or '—'} |")
+def best_blend(result) -> str:
+    """The blend-mask setting with the highest mean IoU."""
+    return max(result["blend_iou"], key=lambda k: np.mean(result["blend_iou"][k]))
+
+
+def text(result, title: str) -> str:
+    lines = [f"### {title}", "", "Local-blend mask IoU with the edited object's region (source ∪ target mask):", "",
+             "| cross-attention | resize | " + " | ".join(f"> {t}" for t in THRESHOLDS) + " |",
+             "|---|---|" + "---|" * len(THRESHOLDS)]
+    for name in SCALE_SETS:
+        for rz in RESIZES:
+            lines.append(f"| {name} | {rz} | " + " | ".join(
+                f"{np.mean(result['blend_iou'][f'{name} {rz} > {t}']):.2f}" for t in THRESHOLDS) + " |")
+    lines += ["", f"best: {best_blend(result)}", "",
+              "| settings | edit | success (detector) | PSNR outside vs input | outside vs source branch |",
+              "|---|---|---|---|---|"]
+    for c, per in result["edits"].items():
+        for name, rows in per.items():
+            def m(k):
+                return np.mean([r[k] for r in rows])
+            lines.append(f"| {c} | {name} | {m('success'):.0%} ({sum(r['success'] for r in rows)}/{len(rows)}) | "
+                         f"{m('outside'):.1f} dB | {m('outside_vs_source'):.1f} dB |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--n", type=int, default=10, help="held-out scenes 0… (the reported table)")
+    ap.add_argument("--n-tune", type=int, default=8, help=f"tuning scenes ({TUNE_START}…), 0 to skip")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--inversion", choices=("null-text", "warm", "negative-prompt"), default="warm",
                     help="null-text: the reference schedule; warm: null-text warm-started from negative-prompt inversion")
-    ap.add_argument("--threshold", type=float, default=0.5, help="local-blend threshold (measured best on the toy model)")
-    ap.add_argument("--resolutions", type=int, nargs="+", default=[16])
     ap.add_argument("--weight", type=float, default=-2.0, help="re-weighting factor of the colour word")
-    ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     pipe = load_pipeline(a.model)
-    t0 = time.perf_counter()
-    result = run(pipe, a.n, a.steps, a.guidance, a.inversion, a.threshold, a.resolutions, a.weight, a.start)
-    print(f"{a.n} held-out scenes, {a.steps} steps, {a.inversion} inversion, guidance {a.guidance:g}, blend "
-          f"{a.resolutions} > {a.threshold}; {time.perf_counter() - t0:.0f} s\n")
-    print(text(result))
+    print(f"presets: {PRESETS}")
+    out = {}
+    for title, n, start in (("tuning scenes", a.n_tune, TUNE_START), ("held-out scenes", a.n, 0)):
+        if n <= 0:
+            continue
+        t0 = time.perf_counter()
+        out[title] = run(pipe, n, a.steps, a.guidance, a.inversion, a.weight, start)
+        print(f"\n{n} {title} ({start}…), {a.steps} steps, {a.inversion} inversion, guidance {a.guidance:g}; "
+              f"{time.perf_counter() - t0:.0f} s\n")
+        print(text(out[title], title), flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(args=vars(a), **result), indent=1))
+        Path(a.json).write_text(json.dumps(dict(args=vars(a), **out), indent=1))
 
 
 if __name__ == "__main__":

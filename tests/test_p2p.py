@@ -4,7 +4,8 @@ import torch
 from helpers import toyworld as tw
 from helpers.images import encode
 from helpers.inversion import negative_prompt_inversion, reconstruct
-from helpers.p2p import blend_mask, edit, token_mapping
+from helpers.p2p import (PRESETS, _changed, _word_positions, blend_mask, edit, edit_scores, preset_settings,
+                         side_of, token_mapping)
 
 STEPS = 8
 
@@ -82,3 +83,76 @@ def test_blend_mask_reads_only_kept_resolutions(pipe, inv):
     assert m.shape == (2, 1, 16, 16) and m.any()
     with pytest.raises(KeyError, match="no cross-attention at"):
         blend_mask(e.store, e.positions, (16, 16), resolutions=[16])
+
+
+def test_presets_are_relative_to_the_latent_and_checked():
+    assert PRESETS["reference"] == dict(self_max=1 / 2, blend_scales=(1 / 4,), resize="nearest", threshold=0.3)
+    assert side_of((64, 64), 1 / 2) == 32 and side_of((64, 64), 1 / 4) == 16  # SD: the reference's 32² and 16×16
+    assert side_of((16, 16), 1 / 4) == 4 and side_of((16, 16), 1) == 16
+    assert preset_settings("reference", threshold=0.5)["threshold"] == 0.5
+    assert preset_settings("reference", threshold=None)["threshold"] == 0.3
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_settings("sd")
+    with pytest.raises(ValueError, match="fractions of the latent side"):
+        preset_settings("course", blend_scales=(16,))
+    with pytest.raises(ValueError, match="resize must be"):
+        preset_settings("course", resize="bicubic")
+
+
+def test_repeated_word_blends_only_where_the_edit_changes_it(pipe):
+    tok = pipe.tokenizer
+    src, tgt = "a green square and a red circle", "a green square and a red square"
+    ch_s, ch_t = _changed(tok, src, tgt, token_mapping(tok, src, tgt, "swap"))
+    every = _word_positions(tok, tgt, "square")
+    assert len(every) == 2                                       # both squares without a change set
+    assert _word_positions(tok, tgt, "square", ch_t) == [max(every)]  # only the swapped one
+    assert _word_positions(tok, src, "circle", ch_s) == _word_positions(tok, src, "circle")
+    # refinement: the new word is the change; a word that did not change keeps every occurrence
+    src, tgt = "a square and a circle", "a square and a blue circle"
+    ch_s, ch_t = _changed(tok, src, tgt, token_mapping(tok, src, tgt, "refine"))
+    assert ch_s == set() and _word_positions(tok, tgt, "blue", ch_t) == sorted(ch_t)
+
+
+def test_reference_preset_reads_latent_quarter_maps_with_nearest_resize(pipe, inv):
+    target = inv.prompt.replace("circle", "square")
+    e = edit(pipe, inv, target, "swap", blend=("circle", "square"), preset="reference")
+    latent = e.edited.shape[-2:]
+    q = side_of(latent, 1 / 4)
+    assert [k for k in e.store.keys()] == [("cross", (q, q))]   # only the latent/4 maps are kept for blending
+    assert e.settings == PRESETS["reference"]
+    # nearest resize: the mask is constant on each (latent/q)² block
+    b = latent[0] // q
+    m = e.mask[0, 0].float()
+    blocks = m.reshape(q, b, q, b)
+    assert torch.equal(blocks.amax((1, 3)), blocks.amin((1, 3)))
+    assert torch.equal(e.edited * ~e.mask, e.source * ~e.mask)
+    # the course's preset reads the finest maps, and its mask differs
+    c = edit(pipe, inv, target, "swap", blend=("circle", "square"), preset="course")
+    assert [k[1] for k in c.store.keys()] == [tuple(latent)]
+    assert not torch.equal(c.mask, e.mask)
+
+
+def test_self_attention_cap_is_a_fraction_of_the_latent(pipe, inv):
+    target = inv.prompt.replace("circle", "square")
+    # sharing no self-attention layer (cap below the smallest side) equals sharing none in time
+    none = edit(pipe, inv, target, "swap", self_max=1 / 64)
+    off = edit(pipe, inv, target, "swap", self_steps=0.0)
+    assert torch.allclose(none.edited, off.edited, atol=1e-5)
+    half = edit(pipe, inv, target, "swap", self_max=1 / 2)
+    quarter = edit(pipe, inv, target, "swap", self_max=1 / 4)
+    assert (half.edited - quarter.edited).abs().amax() > 1e-3  # the 8×8 layers (toy) change the result
+
+
+def test_edit_scores_use_the_detector(pipe, inv):
+    sc = next(s for s in (tw.heldout_scene(i) for i in range(40)) if [o.shape for o in s.objects] == ["circle"])
+    same = edit(pipe, inv, inv.prompt, "reweight", weights={"circle": 1.0})
+    o = sc.objects[0]
+    s = edit_scores(pipe, same, sc.image, o.mask, shape="circle", colour=o.colour)
+    assert set(s) >= {"success", "reason", "found", "outside"}
+    # nothing changed: asking for another colour fails with a reason naming the colour there
+    s = edit_scores(pipe, same, sc.image, o.mask, colour=next(c for c in tw.COLOUR_NAMES if c != o.colour))
+    assert not s["success"]
+    s = edit_scores(pipe, same, sc.image, o.mask, old_colour=o.colour, away=True)
+    assert not s["success"] and ("still" in s["reason"] or "no object" in s["reason"])
+    with pytest.raises(ValueError, match="pass old_colour"):
+        edit_scores(pipe, same, sc.image, o.mask, away=True)
