@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "data" / "toy-sd"
-RETRAIN = "python -m helpers.train_toy"
+RETRAIN = "python -m helpers.train_toy --out data/toy-sd --replace-bundled"
 ENV_VAR = "DIFFUSION_MODEL"
 # Short names -> model ids (all ungated). The toy model is a folder in this repository.
 MODELS = {
