@@ -19,6 +19,9 @@ export HF_HUB_OFFLINE ?= 1
 # (python bench/threads_under_load.py). Where several notebooks share a machine, also pass OMP_NUM_THREADS=n,
 # e.g. `make lab OMP_NUM_THREADS=1`.
 export OMP_WAIT_POLICY ?= PASSIVE
+# The test and notebook runs also use one thread per process: measured on 2 cores, sleeping threads make the toy
+# UNet's tiny calls 2-3x slower with two threads than with one (the notebooks on the SD-1.5 twin: minutes each).
+test notebooks: export OMP_NUM_THREADS ?= 1
 
 # `make lab` as root (a container, many lab images): Jupyter refuses to start without --allow-root.
 # In a container there is no browser and the host reaches the server through a published port.
