@@ -324,25 +324,31 @@ def compare_masks(pipe, cases, methods: dict, progress: bool = True) -> dict:
 
     methods: name -> function(pipe, latents, case) returning a boolean latent- or image-size mask.
     """
+    from .metrics import iou
+    out = {name: {"iou": [], "evals": [], "seconds": []} for name in methods}
+    for case, name, m, seconds, evals in _run_methods(pipe, cases, methods, progress):
+        out[name]["seconds"].append(seconds)
+        m = torch.as_tensor(m)
+        if tuple(m.shape) != case.region.shape:
+            m = torch.from_numpy(latent_to_image_mask(m, case.region.shape))
+        out[name]["iou"].append(iou(m.bool().numpy(), case.region))
+        out[name]["evals"].append(evals)
+    return out
+
+
+def _run_methods(pipe, cases, methods: dict, progress: bool, leave: bool = True):
+    """Each method on each case's encoded input: yields (case, name, result, seconds, UNet evaluations)."""
     import time
     from tqdm.auto import tqdm
     from .images import encode
-    from .metrics import iou
     from .sampling import UNetCounter
-    out = {name: {"iou": [], "evals": [], "seconds": []} for name in methods}
-    for case in tqdm(cases, desc="edits", disable=not progress):
+    for case in tqdm(cases, desc="edits", disable=not progress, leave=leave):
         z = encode(pipe, case.scene.image)
         for name, fn in methods.items():
             t = time.perf_counter()
             with UNetCounter(pipe.unet) as c:
-                m = fn(pipe, z, case)
-            out[name]["seconds"].append(time.perf_counter() - t)
-            m = torch.as_tensor(m)
-            if tuple(m.shape) != case.region.shape:
-                m = torch.from_numpy(latent_to_image_mask(m, case.region.shape))
-            out[name]["iou"].append(iou(m.bool().numpy(), case.region))
-            out[name]["evals"].append(c.evals)
-    return out
+                result = fn(pipe, z, case)
+            yield case, name, result, time.perf_counter() - t, c.evals
 
 
 def diffusers_mask(dp, image_u8, reference: str, query: str, seed: int = 0, **kw) -> torch.Tensor:
@@ -538,23 +544,14 @@ def edit_methods(pipe, n_fast: int = 20, strength: float = 0.5, edit_strength: f
 def compare_edits(pipe, cases, methods: dict, progress: bool = True) -> dict:
     """Run each edit method on each toy edit case; per method, lists of `edit_report`'s fields, UNet evaluations,
     seconds, and the edited images."""
-    import time
-    from tqdm.auto import tqdm
-    from .images import encode
-    from .sampling import UNetCounter
     out = {name: {"success": [], "colour_share": [], "psnr_out": [], "reason": [], "evals": [], "seconds": [],
                   "images": []} for name in methods}
-    for case in tqdm(cases, desc="edits", disable=not progress, leave=False):
-        z = encode(pipe, case.scene.image)
-        for name, fn in methods.items():
-            t = time.perf_counter()
-            with UNetCounter(pipe.unet) as c:
-                img = fn(pipe, z, case)
-            out[name]["seconds"].append(time.perf_counter() - t)
-            out[name]["evals"].append(c.evals)
-            out[name]["images"].append(img)
-            for k, v in edit_report(img, case).items():
-                out[name][k].append(v)
+    for case, name, img, seconds, evals in _run_methods(pipe, cases, methods, progress, leave=False):
+        out[name]["seconds"].append(seconds)
+        out[name]["evals"].append(evals)
+        out[name]["images"].append(img)
+        for k, v in edit_report(img, case).items():
+            out[name][k].append(v)
     return out
 
 
