@@ -1,4 +1,4 @@
-"""helpers/exercises.py: every check accepts its solution, rejects typical wrong answers with a specific hint, and
+"""helpers/exercises (notebook 05): every check accepts its solution, rejects typical wrong answers with a specific hint, and
 says "not attempted yet" (without raising) for the placeholders the committed notebooks keep.
 
 The solutions here are written independently of the checks' reference code (de.toy_sweep, ds.noun_maps, a one-hot

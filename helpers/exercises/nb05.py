@@ -1,114 +1,11 @@
-"""Auto-checked exercises: one check per exercise, graded on the model the notebook loaded.
-
-In a notebook:
-
-    from helpers import exercises
-    answer = None  # your code here
-    exercises.check_05_1(answer, pipe, THRESHOLD);
-
-prints one verdict and returns it: True ("✅ correct"), False (a hint computed from the answer: what is wrong with
-it and where to look) or None ("not attempted yet", when the answer is still the placeholder None, ``...`` or
-NotImplemented). A wrong answer, or a function given as an answer that raises, never raises here: the committed
-notebooks keep their placeholders and still run under nbval. ``strict=True`` (the solutions notebooks and the
-tests) raises AssertionError instead of returning False or None, so a wrong solution fails its notebook.
-
-The reference answers are computed with the helpers on the loaded pipeline and cached (the UNet passes are the
-expensive part), so a second check costs almost nothing. ``check("05.1", answer, pipe, THRESHOLD)`` dispatches by
-exercise number.
-"""
+"""Checks of notebook 05 (DiffSeg): exercises 05.1-05.6."""
 from __future__ import annotations
-
-import weakref
-from numbers import Real
 
 import numpy as np
 import torch
 
-PLACEHOLDERS = (None, Ellipsis, NotImplemented)
-OK = "✅ correct"
-NOT_ATTEMPTED = "not attempted yet"
-EXERCISE_SCENES = range(8)  # held-out toy scenes 0…7: every DiffSeg exercise grades on these
-TOL = 2e-3                  # mIoU tolerance: the same computation in another batch layout may flip a pixel or two
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> {key: value}; freed with the pipe
-
-
-# -- verdicts ----------------------------------------------------------------------------------------------------
-def _verdict(exercise: str, answer, grade, strict: bool):
-    """Run `grade(answer)` (None if right, else a hint) unless the answer is a placeholder; print and return."""
-    if any(answer is p for p in PLACEHOLDERS):
-        message, ok = f"⏳ {exercise}: {NOT_ATTEMPTED} (replace the placeholder with your answer)", None
-    else:
-        hint = grade(answer)
-        ok = hint is None
-        message = f"{exercise}: {OK}" if ok else f"❌ {exercise}: {hint}"
-    if strict and not ok:
-        raise AssertionError(message)
-    print(message)
-    return ok
-
-
-def _call(fn, *args):
-    """(result, None) or (None, a hint naming the exception the student's function raised)."""
-    if not callable(fn):
-        return None, f"expected a function, got {type(fn).__name__}"
-    try:
-        return fn(*args), None
-    except Exception as e:  # a student's function may fail in any way: that is a hint, not a crash
-        return None, f"your function raised {type(e).__name__}: {e}"
-
-
-def _close(a, b, tol=TOL) -> bool:
-    return _number(a) and _number(b) and abs(float(a) - float(b)) <= tol
-
-
-def _number(v) -> bool:
-    return isinstance(v, (Real, np.floating, np.integer)) and not isinstance(v, bool) and np.isfinite(float(v))
-
-
-def _pct(x) -> str:
-    return f"{100 * x:.0f}%"
-
-
-# -- reference computations (cached per pipeline) ---------------------------------------------------------------
-def _store(pipe) -> dict:
-    try:
-        return _CACHE.setdefault(pipe, {})
-    except TypeError:  # not weak-referenceable: no cache
-        return {}
-
-
-def scenes(pipe_or_size) -> list:
-    """The exercises' held-out toy scenes (EXERCISE_SCENES), drawn at the pipeline's native size (or a given side)."""
-    from . import toyworld as tw
-    from .images import native_size
-    size = pipe_or_size if isinstance(pipe_or_size, int) else native_size(pipe_or_size)
-    return [tw.heldout_scene(i, size=size) for i in EXERCISE_SCENES]
-
-
-def _scenes(pipe) -> list:
-    store = _store(pipe)
-    if "scenes" not in store:
-        store["scenes"] = scenes(pipe)
-    return store["scenes"]
-
-
-def _check_pipe(pipe):
-    if pipe is None or not hasattr(pipe, "unet"):
-        raise TypeError(f"this check needs the loaded pipeline as its second argument (got {type(pipe).__name__}), "
-                        "e.g. exercises.check_05_1(answer, pipe, THRESHOLD)")
-
-
-def _capture(pipe, t: int = 300, captions: bool = False):
-    """(aggregated self-attention, capture) of the exercise scenes at timestep t, cached."""
-    from . import diffseg as ds
-    key = ("capture", int(t), bool(captions))
-    store = _store(pipe)
-    if key not in store:
-        sc = _scenes(pipe)
-        cap = ds.capture(pipe, [s.image for s in sc], t=int(t),
-                         captions=[s.caption for s in sc] if captions else None)
-        store[key] = (cap.self_maps, cap)
-    return store[key]
+from ._common import (NOT_ATTEMPTED, OK, PLACEHOLDERS, TOL, _call, _capture, _check_pipe, _close, _number, _pct,
+                      _scenes, _store, _verdict, scenes)
 
 
 def _weights_key(weights):
@@ -121,9 +18,9 @@ def diffseg_scores(pipe, threshold: float, anchors: int = 16, t: int = 300, weig
     The same protocol as section 7 of notebook 05: `ds.segment` of the aggregated self-attention (resolution
     `weights`, default the reference's), each image Hungarian-matched to all classes of the toy world.
     """
-    from . import diffseg as ds
-    from . import diffseg_eval as de
-    from .metrics import SegmentationScore
+    from .. import diffseg as ds
+    from .. import diffseg_eval as de
+    from ..metrics import SegmentationScore
     _check_pipe(pipe)
     key = ("scores", float(threshold), int(anchors), int(t), _weights_key(weights))
     store = _store(pipe)
@@ -219,8 +116,8 @@ def check_05_2(answer, pipe=None, threshold: float = 0.7, strict: bool = False):
 
 def background_shares(pipe, threshold: float, fn):
     """(share of background pixels named "background", share of object pixels named by their shape), or a hint."""
-    from . import diffseg as ds
-    from . import toyworld as tw
+    from .. import diffseg as ds
+    from .. import toyworld as tw
     maps, cap = _capture(pipe, captions=True)
     store, key = _store(pipe), ("labels", float(threshold))
     if key not in store:
@@ -255,7 +152,7 @@ def background_shares(pipe, threshold: float, fn):
 
 def label_with_background_reference(labels, cross, tokenizer, caption, nouns) -> dict:
     """Exercise 05.3's reference: the start token competes with the nouns, normalised the same way (noun_maps)."""
-    from .text import token_positions
+    from ..text import token_positions
     x = cross / cross.sum(0, keepdim=True).clamp_min(1e-12)
     m = torch.stack([x[0]] + [x[token_positions(tokenizer, caption, w)].mean(0) for w in nouns])
     m = m / m.flatten(1).norm(dim=1)[:, None, None].clamp_min(1e-12)
@@ -349,7 +246,7 @@ def refine_reference(proposals: torch.Tensor, attn: torch.Tensor, max_iter: int 
 
 def _inputs_05_5(pipe, threshold: float, n: int = 3):
     """(proposals, attention, res) of the first n exercise scenes, cached."""
-    from . import diffseg as ds
+    from .. import diffseg as ds
     store = _store(pipe)
     key = ("05.5", float(threshold), n)
     if key not in store:
@@ -399,7 +296,7 @@ def check_05_6(answer, scene=None, n_classes: int | None = None, strict: bool = 
                high: float = 0.9, gap: float = 0.15):
     """05.6 Scoring rules. answer: an H × W segmentation of `scene` whose mIoU is at least `high` under the
     present-classes rule and at least `gap` lower under the reference's rule."""
-    from .metrics import SegmentationScore
+    from ..metrics import SegmentationScore
 
     def grade(seg):
         if scene is None or not hasattr(scene, "semantic"):
@@ -407,7 +304,7 @@ def check_05_6(answer, scene=None, n_classes: int | None = None, strict: bool = 
                             "exercises.check_05_6(answer, scene)")
         k = n_classes
         if k is None:
-            from .diffseg_eval import toy_classes
+            from ..diffseg_eval import toy_classes
             k = toy_classes()
         gt = scene.semantic
         try:
@@ -441,14 +338,3 @@ def check_05_6(answer, scene=None, n_classes: int | None = None, strict: bool = 
                     f"each absent class a surplus segment")
         return None
     return _verdict("05.6", answer, grade, strict)
-
-
-CHECKS = {"05.1": check_05_1, "05.2": check_05_2, "05.3": check_05_3, "05.4": check_05_4, "05.5": check_05_5,
-          "05.6": check_05_6}
-
-
-def check(exercise: str, answer, *context, strict: bool = False, **kw):
-    """Dispatch by exercise number: check("05.1", answer, pipe, THRESHOLD) = check_05_1(answer, pipe, THRESHOLD)."""
-    if exercise not in CHECKS:
-        raise KeyError(f"no exercise {exercise!r}; the checked exercises are {sorted(CHECKS)}")
-    return CHECKS[exercise](answer, *context, strict=strict, **kw)
