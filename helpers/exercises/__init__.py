@@ -22,8 +22,13 @@ import re
 
 from . import _common
 from ._common import NOT_ATTEMPTED, OK, PLACEHOLDERS, TOL, EXERCISE_SCENES, scenes  # noqa: F401
+from .nb00 import *  # noqa: F401,F403
+from .nb01 import *  # noqa: F401,F403
+from .nb03 import *  # noqa: F401,F403
+from .nb04 import *  # noqa: F401,F403
 from .nb05 import *  # noqa: F401,F403
 from .nb05 import background_shares, diffseg_scores, label_with_background_reference, refine_reference  # noqa: F401
+from .nb06 import *  # noqa: F401,F403
 
 # one module per notebook (nbNN.py); every function named check_NN_k is an exercise "NN.k"
 CHECKS = {f"{m[1]}.{m[2]}": fn for name, fn in sorted(globals().items())
