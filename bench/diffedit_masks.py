@@ -27,7 +27,7 @@ from helpers import toyworld as tw  # noqa: E402
 from helpers.diffedit import (compare_edits, compare_masks, edit_methods, edit_table_markdown,  # noqa: E402
                               failure_kind, improved_mask, mask_methods, table_markdown)
 from helpers.images import native_size, vae_factor  # noqa: E402
-from helpers.loading import load_pipeline  # noqa: E402
+from helpers.loading import default_inpaint_model, load_pipeline, resolve_model  # noqa: E402
 
 
 def main():
@@ -36,6 +36,9 @@ def main():
     ap.add_argument("--n", type=int, default=21)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-edits", action="store_true", help="measure the masks only")
+    ap.add_argument("--inpaint-model", default="auto",
+                    help="9-channel inpainting checkpoint for the edits: 'auto' (toy-inpaint with the toy model, "
+                         "sd15-inpaint on a GPU), a name or folder, or 'none'")
     a = ap.parse_args()
     t0 = time.perf_counter()
     pipe = load_pipeline(a.model)
@@ -52,7 +55,9 @@ def main():
     print(f"Masks on {a.n} held-out edits ({counts}), model {a.model}, seed {a.seed}:\n")
     print(table_markdown(masks, cases))
     if not a.no_edits:
-        edits = compare_edits(pipe, cases, edit_methods(pipe, seed=a.seed))
+        ck = {"auto": default_inpaint_model(resolve_model(a.model)), "none": None}.get(a.inpaint_model,
+                                                                                      a.inpaint_model)
+        edits = compare_edits(pipe, cases, edit_methods(pipe, seed=a.seed, inpaint_model=ck))
         print(f"\nEdits on the same {a.n} edits (success: the detector finds the query's colour and shape in the "
               "region; PSNR outside the region against the input):\n")
         print(edit_table_markdown(edits, cases))

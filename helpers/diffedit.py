@@ -478,13 +478,17 @@ def _run_methods(pipe, cases, methods: dict, progress: bool, leave: bool = True)
     from tqdm.auto import tqdm
     from .images import encode
     from .sampling import UNetCounter
+    from contextlib import ExitStack
     for case in tqdm(cases, desc="edits", disable=not progress, leave=leave):
         z = encode(pipe, case.scene.image)
         for name, fn in methods.items():
             t = time.perf_counter()
-            with UNetCounter(pipe.unet) as c:
+            # a method that runs another UNet too (an inpainting checkpoint) names it in `fn.extra_unets`
+            unets = [pipe.unet, *[u for u in getattr(fn, "extra_unets", ()) if u is not pipe.unet]]
+            with ExitStack() as stack:
+                counters = [stack.enter_context(UNetCounter(u)) for u in unets]
                 result = fn(pipe, z, case)
-            yield case, name, result, time.perf_counter() - t, c.evals
+            yield case, name, result, time.perf_counter() - t, sum(c.evals for c in counters)
 
 
 def diffusers_mask(dp, image_u8, reference: str, query: str, seed: int = 0, **kw) -> torch.Tensor:
@@ -640,7 +644,7 @@ def edit_methods(pipe, n_fast: int = 20, strength: float = 0.5, edit_strength: f
     - inpainting with the base model's 4-channel UNet: fast mask, blurred > 0 (the blog's clean-up),
       StableDiffusionInpaintPipeline at strength 1, which then blends the noised input back outside the mask;
     - with `inpaint_model` (a 9-channel inpainting checkpoint such as "toy-inpaint" or "sd15-inpaint"): the same
-      mask and call on that checkpoint, the FastDiffEdit blog's recipe;
+      mask and call on that checkpoint, the FastDiffEdit blog's recipe; and the checkpoint with `improved_mask`;
     - diffusers' DiffEdit pipeline: `generate_mask`, `invert` and the edit at `inpaint_strength` (both calls);
     - no edit: the input through the VAE, the ceiling of PSNR outside (and an edit the detector must reject).
     """
@@ -662,14 +666,19 @@ def edit_methods(pipe, n_fast: int = 20, strength: float = 0.5, edit_strength: f
         m = mask(p, z, c)
         return _u8(masked_diffusion(p, z, m.float(), c.reference, c.query, edit_strength, steps, guidance), p)
 
-    def inpaint_with(ip):
+    def inpaint_with(ip, improved: bool = False):
         def inpaint(p, z, c):
-            m = blur(mask(p, z, c)) > 0
-            m_img = Image.fromarray(latent_to_image_mask(m, c.region.shape).astype(np.uint8) * 255)
+            if improved:  # the course's sharper mask, at image size
+                m_img = improved_mask(p, z, c.reference, c.query, image=c.scene.image, n=n_fast, steps=steps,
+                                      seed=seed).cpu().numpy()
+            else:         # the blog's: fast mask, blurred > 0
+                m_img = latent_to_image_mask(blur(mask(p, z, c)) > 0, c.region.shape)
+            m_img = Image.fromarray(m_img.astype(np.uint8) * 255)
             out = ip(c.query, image=c.scene.pil(), mask_image=m_img, num_inference_steps=steps,
                      guidance_scale=guidance, strength=1.0, generator=gen(), height=c.region.shape[0],
                      width=c.region.shape[1]).images[0]
             return _u8(out)
+        inpaint.extra_unets = (ip.unet,)  # counted by compare_edits with the base UNet
         return inpaint
 
     def diffusers_edit(p, z, c):
@@ -687,6 +696,7 @@ def edit_methods(pipe, n_fast: int = 20, strength: float = 0.5, edit_strength: f
                "inpainting, base 4-channel UNet (fast mask, blurred)": inpaint_with(ip_base)}
     if ip_ckpt is not None:
         methods["inpainting checkpoint, 9 channels (fast mask, blurred)"] = inpaint_with(ip_ckpt)
+        methods["inpainting checkpoint, 9 channels (improved mask)"] = inpaint_with(ip_ckpt, improved=True)
     methods[f"diffusers DiffEdit pipeline (strength {inpaint_strength})"] = diffusers_edit
     methods["no edit (VAE round trip)"] = lambda p, z, c: _u8(z, p)
     return methods

@@ -141,15 +141,23 @@ def check_model(model: str | None = None, load=True):
     except (FileNotFoundError, ValueError) as e:
         return [Check("bundled model", FAIL, f"not usable: {e}",
                       "restore it with `git checkout -- data/toy-sd` (or clone the repository again)")], None
+    from .loading import BUNDLED_INPAINT
+    try:
+        check_bundled(BUNDLED_INPAINT)
+        checks.append(Check("inpainting checkpoint", OK, f"found in {BUNDLED_INPAINT.relative_to(ROOT)} "
+                                                          "(notebook 02)"))
+    except (FileNotFoundError, ValueError) as e:
+        checks.append(Check("inpainting checkpoint", FAIL, f"not usable: {e}",
+                            "restore it with `git checkout -- data/toy-sd-inpaint` (notebook 02 needs it)"))
     if not load:
-        return [Check("bundled model", OK, f"found in {BUNDLED.relative_to(ROOT)} (not loaded)")], None
+        return checks + [Check("bundled model", OK, f"found in {BUNDLED.relative_to(ROOT)} (not loaded)")], None
     t0 = time.perf_counter()
     try:
         pipe = load_pipeline("toy", device="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure here is reported with its fix
         return [Check("bundled model", FAIL, f"found but does not load: {type(e).__name__}: {e}",
                       "check the versions above first; then restore it with `git checkout -- data/toy-sd`")], None
-    checks.append(Check("bundled model", OK, f"loads in {time.perf_counter() - t0:.1f} s "
+    checks.insert(0, Check("bundled model", OK, f"loads in {time.perf_counter() - t0:.1f} s "
                                              f"({BUNDLED.relative_to(ROOT)})"))
     if model is not None and not is_bundled(resolve_model(model)):
         checks.append(check_hub(resolve_model(model)))

@@ -14,11 +14,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "data" / "toy-sd"
+BUNDLED_INPAINT = ROOT / "data" / "toy-sd-inpaint"  # the toy inpainting checkpoint (9 input channels)
 RETRAIN = "python -m helpers.train_toy --out data/toy-sd --replace-bundled"
+RETRAIN_INPAINT = "python -m helpers.train_inpaint --out data/toy-sd-inpaint --replace-bundled"
 ENV_VAR = "DIFFUSION_MODEL"
 # Short names -> model ids (all ungated). The toy model is a folder in this repository.
 MODELS = {
     "toy": str(BUNDLED),
+    "toy-inpaint": str(BUNDLED_INPAINT),
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd15-inpaint": "stable-diffusion-v1-5/stable-diffusion-inpainting",
 }
@@ -32,7 +35,17 @@ def resolve_model(model: str | None = None) -> str:
 
 
 def is_bundled(model_id: str) -> bool:
+    """Whether `model_id` is the bundled toy model (the one every notebook's quality checks are measured on)."""
     return Path(model_id).resolve() == BUNDLED.resolve()
+
+
+def default_inpaint_model(model_id: str, cuda: bool | None = None) -> str | None:
+    """The inpainting checkpoint that goes with a base model: the toy one for the bundled model, SD 1.5's on a GPU
+    for any other model, and None (reuse the base model's 4-channel UNet) otherwise."""
+    if is_bundled(model_id):
+        return MODELS["toy-inpaint"]
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "sd15-inpaint" if cuda else None
 
 
 def _offline() -> bool:
@@ -40,7 +53,9 @@ def _offline() -> bool:
 
 
 def check_bundled(path: Path = BUNDLED):
-    """Raise a clear error if the bundled model is missing or damaged."""
+    """Raise a clear error if a bundled model (the toy model or its inpainting checkpoint) is missing or damaged."""
+    retrain = RETRAIN_INPAINT if Path(path).resolve() == BUNDLED_INPAINT.resolve() else RETRAIN
+    minutes = "under an hour" if retrain == RETRAIN_INPAINT else "about an hour"
     needed = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
               "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json",
@@ -50,12 +65,12 @@ def check_bundled(path: Path = BUNDLED):
         raise FileNotFoundError(
             f"The bundled toy model in {path} is incomplete (missing: {', '.join(missing)}). Restore it with "
             f"`git checkout -- {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` or retrain it with "
-            f"`{RETRAIN}` (about an hour on 2 CPU cores).")
+            f"`{retrain}` ({minutes} on 2 CPU cores).")
     try:
         json.loads((path / "model_index.json").read_text())
     except ValueError as e:
         raise ValueError(f"{path}/model_index.json is not valid JSON ({e}); restore it from git or retrain with "
-                         f"`{RETRAIN}`") from e
+                         f"`{retrain}`") from e
 
 
 HUB_TIMEOUT = 3.0  # seconds to wait for the hub before saying it cannot be reached
@@ -171,7 +186,7 @@ def load_pipeline(model: str | None = None, cls=None, device: str | None = None,
     local = Path(model_id).expanduser()
     if local.exists():
         model_id = str(local)
-    if is_bundled(model_id):
+    if is_bundled(model_id) or Path(model_id).resolve() == BUNDLED_INPAINT.resolve():
         check_bundled(local)
     elif not local.exists():
         if _offline():
