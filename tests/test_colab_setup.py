@@ -98,7 +98,7 @@ def test_second_run_and_kernel_restart_are_no_ops(colab):
 def test_parameters_cells_take_the_gpu_path_when_cuda_is_present(monkeypatch):
     import torch
 
-    from helpers.loading import MODELS, is_bundled, resolve_model
+    from helpers.loading import MODELS, default_inpaint_model, is_bundled, resolve_model
     monkeypatch.delenv("DIFFUSION_MODEL", raising=False)
     for nb_path in NOTEBOOKS:
         nb = nbformat.read(nb_path, as_version=4)
@@ -110,10 +110,15 @@ def test_parameters_cells_take_the_gpu_path_when_cuda_is_present(monkeypatch):
             exec(params[0].source, ns)
             model = resolve_model(ns["MODEL"])
             assert is_bundled(model) == want_toy, (nb_path.name, cuda)
+            inpaint = ns.get("INPAINT_MODEL")
+            if inpaint == "auto":  # resolved after loading, as notebook 02's loading cell does
+                inpaint = default_inpaint_model(model)
             if cuda:
                 assert model == MODELS["sd15"]
                 if "INPAINT_MODEL" in ns:
-                    assert resolve_model(ns["INPAINT_MODEL"]) == MODELS["sd15-inpaint"]
+                    assert resolve_model(inpaint) == MODELS["sd15-inpaint"]
+            elif "INPAINT_MODEL" in ns:  # the toy model gets its own inpainting checkpoint
+                assert resolve_model(inpaint) == MODELS["toy-inpaint"]
 
 
 def test_outside_colab_the_cell_only_makes_helpers_importable(tmp_path):
