@@ -75,7 +75,10 @@ def sync_setup_cells(paths, repo_url: str | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
+    missing = [a for a in sys.argv[1:] if not Path(a).is_file()]
+    if missing:
+        sys.exit(f"no such notebook: {', '.join(missing)}\n{__doc__}")
     for p in sync_setup_cells(sys.argv[1:]):
         print("updated", p)

@@ -170,3 +170,12 @@ def test_notebooks_carry_the_current_setup_cell():
         assert len(cells) == 1, p.name
         url = cells[0].split('REPO_URL = "', 1)[1].split('"', 1)[0]
         assert cells[0] == cell_source(url), f"{p.name}: run `python -m helpers.colab notebooks/*.ipynb`"
+
+
+def test_command_line_help_and_missing_notebook():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "helpers.colab", *a], cwd=ROOT, capture_output=True,
+                                    text=True)
+    h = run("--help")
+    assert h.returncode != 0 and "SETUP_CELL" in h.stderr and "Traceback" not in h.stderr
+    m = run("notebooks/no_such.ipynb")
+    assert m.returncode != 0 and "no such notebook: notebooks/no_such.ipynb" in m.stderr
