@@ -74,7 +74,7 @@ def test_missing_local_folder_is_named_as_such(tmp_path):
 
 
 def test_typo_lists_the_known_names():
-    with pytest.raises(ValueError, match=r"unknown model name 'tyo'\. Did you mean 'toy'\?.*toy, sd15, sd15-inpaint"):
+    with pytest.raises(ValueError, match=r"unknown model name 'tyo'\. Did you mean 'toy'\?.*toy, toy-inpaint, sd15, sd15-inpaint"):
         load_pipeline("tyo", device="cpu", dtype=torch.float32)
 
 
@@ -148,3 +148,29 @@ def test_t4_memory_estimate_prints_every_notebook(capsys):
     t4.main()
     out = capsys.readouterr().out
     assert all(r["notebook"] in out for r in rows) and len(out.strip().splitlines()) == 2 + len(rows)
+
+
+def test_bundled_inpainting_checkpoint_loads_as_sd15_inpaint_does():
+    """'toy-inpaint' is a 9-channel StableDiffusionInpaintPipeline folder beside the base model; the doctor's bundled
+    check covers it, and a damaged copy names the command that rebuilds it."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from helpers.loading import BUNDLED_INPAINT, RETRAIN_INPAINT, default_inpaint_model
+    ip = load_pipeline("toy-inpaint", cls=StableDiffusionInpaintPipeline)
+    assert ip.unet.config.in_channels == 9 and ip.unet.config.sample_size == 16
+    assert default_inpaint_model(str(BUNDLED)) == str(BUNDLED_INPAINT)
+    assert default_inpaint_model("some/hub-id", cuda=False) is None
+    assert default_inpaint_model("some/hub-id", cuda=True) == "sd15-inpaint"
+    base = load_pipeline("toy")
+    for name, p in base.text_encoder.named_parameters():  # the text encoder is the base model's, unchanged
+        assert torch.equal(p, dict(ip.text_encoder.named_parameters())[name])
+    assert RETRAIN_INPAINT.startswith("python -m helpers.train_inpaint")
+
+
+def test_damaged_inpainting_checkpoint_names_its_command(tmp_path, monkeypatch):
+    damaged = tmp_path / "toy-sd-inpaint"
+    shutil.copytree(loading.BUNDLED_INPAINT, damaged)
+    (damaged / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setattr(loading, "BUNDLED_INPAINT", damaged)
+    with pytest.raises(FileNotFoundError, match=r"unet/diffusion_pytorch_model.safetensors.*train_inpaint"):
+        check_bundled(damaged)

@@ -24,6 +24,7 @@ from . import _common
 from ._common import NOT_ATTEMPTED, OK, PLACEHOLDERS, TOL, EXERCISE_SCENES, scenes  # noqa: F401
 from .nb00 import *  # noqa: F401,F403
 from .nb01 import *  # noqa: F401,F403
+from .nb02 import *  # noqa: F401,F403
 from .nb03 import *  # noqa: F401,F403
 from .nb04 import *  # noqa: F401,F403
 from .nb05 import *  # noqa: F401,F403
