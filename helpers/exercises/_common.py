@@ -95,3 +95,24 @@ def _capture(pipe, t: int = 300, captions: bool = False):
                          captions=[s.caption for s in sc] if captions else None)
         store[key] = (cap.self_maps, cap)
     return store[key]
+
+
+def _need_pipe(pipe, call: str):
+    """TypeError naming the call to write when a check that needs the loaded pipeline did not get it."""
+    if pipe is None or not hasattr(pipe, "unet"):
+        raise TypeError(f"this check needs the loaded pipeline as its second argument (got {type(pipe).__name__}): "
+                        f"{call}")
+
+
+def _keys_hint(ans, keys, what: str, example: str):
+    """(answer keyed like `keys`, None) or (None, a hint). Numeric keys compare as floats."""
+    if not isinstance(ans, dict):
+        return None, f"expected a dict {example}, got {type(ans).__name__}"
+    numeric = all(_number(k) for k in keys)
+    if numeric:
+        ok = all(_number(k) for k in ans) and len(ans) == len(keys) and {float(k) for k in ans} == set(map(float, keys))
+        return ({float(k): v for k, v in ans.items()}, None) if ok else \
+            (None, f"expected the keys {list(keys)} ({what}), got {list(ans)}")
+    if set(ans) != set(keys):
+        return None, f"expected the keys {list(keys)} ({what}), got {sorted(map(str, ans))}"
+    return ans, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _call, _number, _store, _verdict
+from ._common import _call, _keys_hint, _need_pipe, _number, _store, _verdict
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb00.adherence_rates, …)
 __all__ = ["check_00_1", "check_00_2", "check_00_3", "check_00_4", "check_00_5"]
@@ -28,21 +28,6 @@ SCENES_00_5 = range(3, 8)         # exercise 00.5: section 9's edit on held-out 
 STRENGTHS_00_5 = tuple(round(0.05 * k, 2) for k in range(1, 21))
 TURNED = 0.5                      # section 9: an object "takes its new colour" when half of its region has it
 IOU_TOL = 1e-3                    # mean IoU: one pixel more or less in one scene moves it by ~3e-4
-
-
-def _need_pipe(pipe, call: str):
-    if pipe is None or not hasattr(pipe, "unet"):
-        raise TypeError(f"this check needs the loaded pipeline as its second argument (got {type(pipe).__name__}): "
-                        f"{call}")
-
-
-def _as_dict(ans, keys, what: str, example: str):
-    """(answer with float keys, None) or (None, a hint) for a dict that must have exactly `keys`."""
-    if not isinstance(ans, dict):
-        return None, f"expected a dict {example}, got {type(ans).__name__}"
-    if not all(_number(k) for k in ans) or len(ans) != len(keys) or {float(k) for k in ans} != set(map(float, keys)):
-        return None, f"expected the keys {list(keys)} ({what}), got {list(ans)}"
-    return {float(k): v for k, v in ans.items()}, None
 
 
 def _rate_hint(v, where: str) -> str | None:
@@ -87,7 +72,7 @@ def check_00_1(answer, pipe=None, seed: int = 0, strict: bool = False, captions=
 
     def grade(ans):
         _need_pipe(pipe, "exercises.check_00_1(answer, pipe, SEED)")
-        value, hint = _as_dict(ans, GUIDANCES_00_1, "the guidance scales", "{g: adherence rate}")
+        value, hint = _keys_hint(ans, GUIDANCES_00_1, "the guidance scales", "{g: adherence rate}")
         if hint:
             return hint
         for g in GUIDANCES_00_1:
@@ -249,7 +234,7 @@ def check_00_3(answer, pipe=None, seed: int = 0, strict: bool = False):
     `shape_heatmap_iou(scene, t=t)` averaged over held-out scenes 300…307."""
     def grade(ans):
         _need_pipe(pipe, "exercises.check_00_3(answer, pipe, SEED)")
-        value, hint = _as_dict(ans, TIMESTEPS_00_3, "the timesteps", "{t: mean IoU}")
+        value, hint = _keys_hint(ans, TIMESTEPS_00_3, "the timesteps", "{t: mean IoU}")
         if hint:
             return hint
         for t in TIMESTEPS_00_3:

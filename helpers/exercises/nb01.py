@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._common import _number, _store, _verdict
+from ._common import _keys_hint, _need_pipe, _number, _store, _verdict
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb01.draw_maps, …)
 __all__ = ["check_01_1", "check_01_2", "check_01_3", "check_01_4", "check_01_5", "check_01_6"]
@@ -30,26 +30,6 @@ STRENGTHS_01_4 = (0.5, 0.7, 0.9)
 RECIPES = ("inversion", "blend")
 IOU_TOL = 1e-6               # the same computation gives the same mask; a cell more or less moves an IoU by ~0.03
 PSNR_TOL = 0.01              # dB: the same edit gives the same image
-
-
-def _need_pipe(pipe, call: str):
-    if pipe is None or not hasattr(pipe, "unet"):
-        raise TypeError(f"this check needs the loaded pipeline as its second argument (got {type(pipe).__name__}): "
-                        f"{call}")
-
-
-def _keys_hint(ans, keys, what: str, example: str):
-    """(answer keyed like `keys`, None) or (None, a hint). Numeric keys compare as floats."""
-    if not isinstance(ans, dict):
-        return None, f"expected a dict {example}, got {type(ans).__name__}"
-    numeric = all(_number(k) for k in keys)
-    if numeric:
-        ok = all(_number(k) for k in ans) and len(ans) == len(keys) and {float(k) for k in ans} == set(map(float, keys))
-        return ({float(k): v for k, v in ans.items()}, None) if ok else \
-            (None, f"expected the keys {list(keys)} ({what}), got {list(ans)}")
-    if set(ans) != set(keys):
-        return None, f"expected the keys {list(keys)} ({what}), got {sorted(map(str, ans))}"
-    return ans, None
 
 
 def _iou_hint(v, where: str):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _number, _store, _verdict
-from .nb01 import _diagnose_psnr, _iou_hint, _keys_hint, _match, _need_pipe, _psnr_hint
+from ._common import _keys_hint, _need_pipe, _number, _store, _verdict
+from .nb01 import _diagnose_psnr, _iou_hint, _match, _psnr_hint
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb02.fast_iou, …)
 __all__ = ["check_02_1", "check_02_2", "check_02_3", "check_02_4", "check_02_5"]
