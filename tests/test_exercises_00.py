@@ -18,24 +18,13 @@ from helpers.images import decode_pil, encode, native_size, vae_factor
 from helpers.metrics import binarise, iou
 from helpers.sampling import add_noise, ddim_step, img2img, random_latents, seeded_noise, timesteps
 from helpers.text import embed
+from tests.exercise_checking import verdict, assert_wrong
 
 nb = ex.nb00
 SEED = 0
 CAPS = range(200, 204)   # 00.1 on four captions here (the exercise: 16)
 STEPS_2 = 5              # 00.2 with five sampling steps here (the exercise: the notebook's STEPS)
 SCENES_5 = range(3, 6)   # 00.5 on three scenes here (the exercise: 3…7)
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    """(returned value, printed line) of one check."""
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def assert_wrong(capsys, fn, wrong: dict, *context, **kw):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, *context, **kw)
-        assert ok is False and hint in out, (name, out)
 
 
 @pytest.mark.parametrize("check", [ex.check_00_1, ex.check_00_2, ex.check_00_3, ex.check_00_4, ex.check_00_5])

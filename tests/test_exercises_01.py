@@ -19,6 +19,7 @@ from helpers.diffedit import latent_to_image_mask, masked_diffusion, purist_mask
 from helpers.images import decode, encode, native_size
 from helpers.metrics import iou, psnr
 from helpers.sampling import img2img
+from tests.exercise_checking import verdict, assert_wrong
 
 nb = ex.nb01
 SEED = 0
@@ -27,17 +28,6 @@ STEPS_1 = 4      # 01.1 and 01.3 (the exercise: 10)
 STEPS_2 = 10     # 01.2 (strength 0.1 needs at least 10 steps)
 STEPS_E = 10     # 01.4-01.6 (the exercises: 20)
 CHECKS = [ex.check_01_1, ex.check_01_2, ex.check_01_3, ex.check_01_4, ex.check_01_5, ex.check_01_6]
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def assert_wrong(capsys, fn, wrong: dict, *context, **kw):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, *context, **kw)
-        assert ok is False and hint in out, (name, out)
 
 
 @pytest.mark.parametrize("check", CHECKS)

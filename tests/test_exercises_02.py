@@ -18,22 +18,12 @@ from helpers.diffedit import latent_to_image_mask
 from helpers.images import encode, native_size
 from helpers.loading import default_inpaint_model, resolve_model
 from helpers.metrics import iou, psnr
+from tests.exercise_checking import verdict, assert_wrong
 
 nb = ex.nb02
 SEED = 0
 N_EDITS = 2      # the exercises: 3
 CHECKS = [ex.check_02_1, ex.check_02_2, ex.check_02_3, ex.check_02_4, ex.check_02_5]
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def assert_wrong(capsys, fn, wrong: dict, *context, **kw):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, *context, **kw)
-        assert ok is False and hint in out, (name, out)
 
 
 @pytest.mark.parametrize("check", CHECKS)

@@ -16,20 +16,9 @@ from helpers.inversion import (compare_inversions, ddim_inversion, inversion_met
                                null_text_inversion, reconstruct)
 from helpers.p2p import edit, edit_scores
 from helpers.text import describe_tokens
+from tests.exercise_checking import verdict, assert_wrong
 
 STEPS = ex.STEPS_03
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    """(returned value, printed line) of one check."""
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def wrong_answers(capsys, fn, pipe, wrong: dict):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, pipe)
-        assert ok is False and hint in out, (name, out)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,7 @@ def test_03_1(pipe, scene, capsys):
         "not a PSNR": ({**sol, 7.5: -3.0}, "not a PSNR"),
         "off by a dB": ({**sol, 4.0: sol[4.0] + 1}, "is not the PSNR of the DDIM inversion"),
     }
-    wrong_answers(capsys, ex.check_03_1, pipe, wrong)
+    assert_wrong(capsys, ex.check_03_1, wrong, pipe)
 
 
 # -- 03.2 cheaper schedules -------------------------------------------------------------------------------------
@@ -108,7 +97,7 @@ def test_03_2(pipe, frozen, scene, z, capsys):
         "PSNR off": ({**sol, "optimise_steps=3": (first[0], first[1] + 1)}, "the PSNR is not"),
         "missing key": ({"reference": ref}, "expected a dict with the keys"),
     }
-    wrong_answers(capsys, ex.check_03_2, pipe, wrong)
+    assert_wrong(capsys, ex.check_03_2, wrong, pipe)
 
 
 # -- 03.3 blend settings -----------------------------------------------------------------------------------------
@@ -145,7 +134,7 @@ def test_03_3(pipe, scene, ex_inv, capsys):
         "missing key": ({"reference": sol["reference"]}, "expected a dict with the keys"),
         "not a pair": ({n: v[0] for n, v in sol.items()}, "expected a pair"),
     }
-    wrong_answers(capsys, ex.check_03_3, pipe, wrong)
+    assert_wrong(capsys, ex.check_03_3, wrong, pipe)
 
 
 # -- 03.4 token counts -------------------------------------------------------------------------------------------
@@ -171,7 +160,7 @@ def test_03_4(pipe, scene, capsys):
              "not a list": (3.5, "expected a list")}
     if len(sol) > 1:   # the toy tokenizer splits "circles" into several tokens
         wrong["the word only"] = (sol[:1], "list every one")
-    wrong_answers(capsys, ex.check_03_4, pipe, wrong)
+    assert_wrong(capsys, ex.check_03_4, wrong, pipe)
 
 
 # -- 03.5 sharing self-attention everywhere ----------------------------------------------------------------------
@@ -222,4 +211,4 @@ def test_03_5(pipe, scene, z, ex_inv, capsys):
         "not a tensor": (mine[1:].numpy(), "expected the edited sample's latents"),
         "other inversion": (mine[1:] + 0.5, "differ from the swap"),
     }
-    wrong_answers(capsys, ex.check_03_5, pipe, wrong)
+    assert_wrong(capsys, ex.check_03_5, wrong, pipe)

@@ -13,20 +13,9 @@ from helpers.inversion import negative_prompt_inversion
 from helpers.metrics import binarise, iou
 from helpers.text import describe_tokens
 from helpers.xattn_seg import capture_tuning, evaluate, fraction_label, image_maps, trace
+from tests.exercise_checking import verdict, assert_wrong
 
 SETTINGS = dict(ex.SETTINGS_04, progress=False, per_step=False)
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    """(returned value, printed line) of one check."""
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def wrong_answers(capsys, fn, pipe, wrong: dict):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, pipe)
-        assert ok is False and hint in out, (name, out)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +70,7 @@ def test_04_1(pipe, steps_04_1, capsys):
              "one step off": (sol[:3] + [sol[3] + 0.1] + sol[4:], "step 3"),
              "not a list": (0.5, "expected a list"),
              "wrong length": (sol + sol, "one IoU per sampling step")}
-    wrong_answers(capsys, ex.check_04_1, pipe, wrong)
+    assert_wrong(capsys, ex.check_04_1, wrong, pipe)
 
 
 # -- 04.2 one grid of layers -----------------------------------------------------------------------------------------
@@ -104,7 +93,7 @@ def test_04_2(pipe, ex_scenes, readings, capsys):
              "missing key": ({"all": sol["all"]}, "expected a dict with the keys"),
              "percent": ({**sol, "all": 100 * sol["all"]}, "in [0, 1]"),
              "off": ({**sol, "latent/4": sol["latent/4"] + 0.05}, "is not the tuning-free")}
-    wrong_answers(capsys, ex.check_04_2, pipe, wrong)
+    assert_wrong(capsys, ex.check_04_2, wrong, pipe)
 
 
 # -- 04.3 threshold or Otsu ------------------------------------------------------------------------------------------
@@ -123,7 +112,7 @@ def test_04_3(pipe, ex_scenes, readings, capsys):
              "order": ({**sol, "otsu": shuffled}, "another order"),
              "first scene only": ({**sol, 0.5: sol[0.5][:3]}, "one IoU per object"),
              "keys": ({0.5: sol[0.5], 0.6: sol["otsu"]}, "expected a dict with the keys")}
-    wrong_answers(capsys, ex.check_04_3, pipe, wrong)
+    assert_wrong(capsys, ex.check_04_3, wrong, pipe)
 
 
 # -- 04.4 background level -------------------------------------------------------------------------------------------
@@ -138,7 +127,7 @@ def test_04_4(pipe, ex_scenes, readings, capsys):
              "background off": ({**sol, hi: (sol[hi][0], sol[hi][1] - 0.1)}, "background IoU is not"),
              "not a pair": ({**sol, lo: sol[lo][0]}, "expected a pair"),
              "keys": ({0.5: sol[0.5]}, "expected a dict with the keys")}
-    wrong_answers(capsys, ex.check_04_4, pipe, wrong)
+    assert_wrong(capsys, ex.check_04_4, wrong, pipe)
 
 
 # -- 04.5 a word out of the vocabulary -------------------------------------------------------------------------------
@@ -163,4 +152,4 @@ def test_04_5(pipe, capsys):
              "other word": (maps[[p for p, t in tokens if t.startswith("circle")]].mean(0), "differs")}
     if len(pos) > 1:
         wrong["first token"] = (maps[pos[0]], "one token")
-    wrong_answers(capsys, ex.check_04_5, pipe, wrong)
+    assert_wrong(capsys, ex.check_04_5, wrong, pipe)

@@ -16,22 +16,11 @@ from helpers import aligndiff as ad
 from helpers import exercises as ex
 from helpers import toyworld as tw
 from helpers.images import native_size
+from tests.exercise_checking import verdict, assert_wrong
 
 CAT = "star"
 EX = dict(n=8, steps=8)   # 8 sampling steps (the notebook: 10); the rest as its defaults (ex.SETTINGS_06)
 S = {**ex.SETTINGS_06, **EX}
-
-
-def verdict(capsys, fn, answer, *context, **kw):
-    """(returned value, printed line) of one check."""
-    ok = fn(answer, *context, **kw)
-    return ok, capsys.readouterr().out.strip()
-
-
-def wrong_answers(capsys, fn, pipe, wrong: dict, settings=EX):
-    for name, (answer, hint) in wrong.items():
-        ok, out = verdict(capsys, fn, answer, pipe, settings)
-        assert ok is False and hint in out, (name, out)
 
 
 def mean_iou(masks, truths) -> float:
@@ -114,7 +103,7 @@ def test_06_1(pipe, shots, capsys):
         "percent": ({**sol, 3: 100 * sol[3]}, "not an IoU"),
         "not a number": ({**sol, 3: "high"}, "expected a number"),
     }
-    wrong_answers(capsys, ex.check_06_1, pipe, wrong)
+    assert_wrong(capsys, ex.check_06_1, wrong, pipe, EX)
 
 
 def test_06_1_names_the_default_timestep(pipe, shots, capsys):
@@ -144,7 +133,7 @@ def test_06_3(pipe, draw, capsys):
         "a count": ({**sol, "late": 5}, "not an IoU"),
         "extra key": ({**sol, "early": 0.5}, "expected the keys"),
     }
-    wrong_answers(capsys, ex.check_06_3, pipe, wrong)
+    assert_wrong(capsys, ex.check_06_3, wrong, pipe, EX)
 
 
 # -- 06.4 the few-shot segmenter's score ------------------------------------------------------------------------
@@ -188,7 +177,7 @@ def test_06_4(pipe, capsys):
         "raises": (lambda *a: a[0].foo, "raised AttributeError"),
         "not a function": (42, "expected a function"),
     }
-    wrong_answers(capsys, ex.check_06_4, pipe, wrong)
+    assert_wrong(capsys, ex.check_06_4, wrong, pipe, EX)
 
 
 def test_06_4_reference_slip_free_is_the_helper(pipe):
@@ -217,7 +206,7 @@ def test_06_5(pipe, draw, capsys):
         "not a number": ({**sol, CAT: "many"}, "expected a count"),
         "wrong class": ({CAT: 1, "circle": 2}, "expected the keys"),
     }
-    wrong_answers(capsys, ex.check_06_5, pipe, wrong)
+    assert_wrong(capsys, ex.check_06_5, wrong, pipe, EX)
 
 
 # -- 06.6 guidance -----------------------------------------------------------------------------------------------
@@ -236,4 +225,4 @@ def test_06_6(pipe, draw, capsys):
         "a count": ({**sol, 12: int(holds(syn12, CAT).sum())}, "not an IoU"),
         "string keys": ({"7.5": sol[7.5], "12": sol[12]}, "expected the keys"),
     }
-    wrong_answers(capsys, ex.check_06_6, pipe, wrong)
+    assert_wrong(capsys, ex.check_06_6, wrong, pipe, EX)
