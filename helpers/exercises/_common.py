@@ -116,3 +116,13 @@ def _keys_hint(ans, keys, what: str, example: str):
     if set(ans) != set(keys):
         return None, f"expected the keys {list(keys)} ({what}), got {sorted(map(str, ans))}"
     return ans, None
+
+
+def _case_latents(pipe, case):
+    """The VAE latents of an edit case's input image, encoded once per pipeline (cached)."""
+    from ..images import encode
+    store = _store(pipe)
+    key = ("latents", case.scene.seed, case.scene.image.shape)
+    if key not in store:
+        store[key] = encode(pipe, case.scene.image)
+    return store[key]

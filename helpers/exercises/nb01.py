@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._common import _keys_hint, _need_pipe, _number, _store, _verdict
+from ._common import _case_latents, _keys_hint, _need_pipe, _number, _store, _verdict
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb01.draw_maps, …)
 __all__ = ["check_01_1", "check_01_2", "check_01_3", "check_01_4", "check_01_5", "check_01_6"]
@@ -70,15 +70,6 @@ def section_case(pipe):
     return store["case"]
 
 
-def _latents(pipe, case):
-    from ..images import encode
-    store = _store(pipe)
-    key = ("z", case.scene.seed, case.query)
-    if key not in store:
-        store[key] = encode(pipe, case.scene.image)
-    return store[key]
-
-
 # -- 01.1-01.3 masks ---------------------------------------------------------------------------------------------
 def draw_maps(pipe, index: int, n: int, strength: float = 0.5, seed: int = 0, steps: int = MASK_STEPS,
               n_edits: int = N_EDITS) -> torch.Tensor:
@@ -88,7 +79,7 @@ def draw_maps(pipe, index: int, n: int, strength: float = 0.5, seed: int = 0, st
     key = ("draws", index, int(n), round(float(strength), 6), int(seed), int(steps), n_edits)
     if key not in store:
         c = edits(pipe, n_edits)[index]
-        store[key] = purist_mask(pipe, _latents(pipe, c), c.reference, c.query, n=int(n), strength=float(strength),
+        store[key] = purist_mask(pipe, _case_latents(pipe, c), c.reference, c.query, n=int(n), strength=float(strength),
                                  steps=steps, guidance=7.5, seed=seed, per_draw=True)
     return store[key]
 
@@ -256,7 +247,7 @@ def edited_image(pipe, how: str, strength: float = 0.7, reference=None, seed: in
     store = _store(pipe)
     key = ("edit", how, round(float(strength), 6), reference, int(seed), int(steps))
     if key not in store:
-        z = _latents(pipe, c)
+        z = _case_latents(pipe, c)
         if how == "img2img":
             lat = img2img(pipe, z, c.query, strength, steps, 7.5, seed=seed)
         else:

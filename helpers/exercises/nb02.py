@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _keys_hint, _need_pipe, _number, _store, _verdict
+from ._common import _case_latents, _keys_hint, _need_pipe, _number, _store, _verdict
 from .nb01 import _diagnose_psnr, _iou_hint, _match, _psnr_hint
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb02.fast_iou, …)
@@ -56,15 +56,6 @@ def section_case(pipe):
     return store["case02"]
 
 
-def _latents(pipe, case):
-    from ..images import encode
-    store = _store(pipe)
-    key = ("z02", case.scene.seed, case.query)
-    if key not in store:
-        store[key] = encode(pipe, case.scene.image)
-    return store[key]
-
-
 # -- 02.1 the fast mask ------------------------------------------------------------------------------------------
 RULES_02_1 = ("diffusers", "blur > 0", "normalise > 0.5")
 
@@ -76,7 +67,7 @@ def fast_map(pipe, index: int, n: int, seed: int = 0, n_edits: int = N_EDITS) ->
     key = ("fast02", index, int(n), int(seed), n_edits)
     if key not in store:
         c = edits(pipe, n_edits)[index]
-        store[key] = fast_mask(pipe, _latents(pipe, c), c.reference, c.query, n=int(n), seed=seed)
+        store[key] = fast_mask(pipe, _case_latents(pipe, c), c.reference, c.query, n=int(n), seed=seed)
     return store[key]
 
 
@@ -135,7 +126,7 @@ def improved(pipe, index: int, strengths=(0.5, 0.75), guide: bool = True, thresh
     key = ("imp02", index, tuple(map(float, strengths)), bool(guide), threshold, int(n), int(seed), n_edits, image)
     if key not in store:
         c = edits(pipe, n_edits)[index]
-        store[key] = improved_mask(pipe, _latents(pipe, c), c.reference, c.query,
+        store[key] = improved_mask(pipe, _case_latents(pipe, c), c.reference, c.query,
                                    image=c.scene.image if image else None, n=int(n), strengths=tuple(strengths),
                                    seed=seed, guide=guide, threshold=threshold).cpu().numpy()
     return store[key]
