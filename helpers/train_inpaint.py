@@ -1,7 +1,12 @@
 """Fine-tune the bundled toy model into an inpainting model, as Stable Diffusion's inpainting checkpoint was made.
 
-    python -m helpers.train_inpaint                  # into .cache/toy-inpaint/model (resumable; about 25 min on 2 cores)
+    python -m helpers.train_inpaint                  # both phases, into .cache/toy-inpaint/model (resumable)
     python -m helpers.train_inpaint --out data/toy-sd-inpaint --replace-bundled   # ...and replace the bundled one
+    python -m helpers.train_inpaint --init FOLDER --steps N ...   # one more phase from an inpainting model
+
+Two phases: `--steps` of the recipe below, then `--phase2-steps` that weight the loss outside the mask
+(`--outside`, see `loss_weights`). The bundled model's `training.json` holds the arguments and the seconds of
+each phase (the first under "previous").
 
 Recipe (the SD inpainting checkpoint's, scaled down to the toy world):
 - the UNet gets 5 extra input channels, in diffusers' order: the noisy latents (4), the mask at latent size (1),
@@ -11,7 +16,9 @@ Recipe (the SD inpainting checkpoint's, scaled down to the toy world):
   sometimes snapped to the latent grid), random boxes and ellipses, blobs, and the whole image (pure generation);
 - the full caption of the scene as the prompt (10% dropped, for classifier-free guidance); the VAE and the text
   encoder stay frozen (they are copied unchanged into the exported folder);
-- min-SNR-5-weighted ε-MSE, AdamW with warm-up and cosine decay, an EMA of the weights is what ships.
+- min-SNR-5-weighted ε-MSE, AdamW with warm-up and cosine decay, an EMA of the weights is what ships;
+- a second phase (our addition, not SD's recipe) with the loss outside the mask weighted up at high noise
+  (`--outside`, see `loss_weights`): after phase 1 the model changed what it should keep (notebook 02).
 The folder is written with `StableDiffusionInpaintPipeline.save_pretrained`, so
 `StableDiffusionInpaintPipeline.from_pretrained` loads it exactly as it loads `sd15-inpaint`
 (`helpers.loading.load_pipeline("toy-inpaint", cls=StableDiffusionInpaintPipeline)`).
@@ -153,6 +160,23 @@ def widen_unet(unet):
     return wide
 
 
+def loss_weights(snr: torch.Tensor, mask: torch.Tensor, outside: float = 0.0) -> torch.Tensor:
+    """Per-element weights of the ε-MSE (B×1×h×w, broadcast over channels).
+
+    Everywhere: min-SNR-5 (ε-MSE × min(SNR, 5)/SNR, i.e. x0-MSE × min(SNR, 5)). Outside the mask (mask 0), with
+    `outside` β > 0, the x0-space weight is raised to at least β: ε-MSE × max(min(SNR, 5), β)/SNR. Why: outside the
+    mask the model is given x0 (the masked image's latents), yet at high noise (SNR ≪ 1) an error there in x0 costs
+    only SNR × its size in ε, so plain ε-MSE hardly teaches the model to copy what it sees. That is where the
+    background's colour is decided, and it is what a model trained briefly keeps poorly.
+    """
+    base = snr.clamp(max=5.0)
+    w = (base / snr)[:, None, None, None].expand_as(mask).clone()
+    if outside > 0:
+        w_out = (base.clamp(min=outside) / snr)[:, None, None, None].expand_as(mask)
+        w = torch.where(mask < 0.5, w_out, w)
+    return w
+
+
 def check_out(out: Path, replace_bundled: bool):
     if out.resolve() == BUNDLED.resolve() and not replace_bundled:
         raise SystemExit(f"--out {out} is the bundled inpainting model, which notebook 02 and the bench use: pass "
@@ -171,6 +195,26 @@ def export(out: Path, base, unet, meta: dict):
 
 
 def train(args):
+    """Phase 1 (the recipe, `--steps`, no outside weighting) into `--work`/phase1, then phase 2 from it
+    (`--phase2-steps` at `--phase2-lr`, loss outside the mask weighted by `--outside`) into `--out`. With `--init`,
+    or `--phase2-steps 0`, a single phase into `--out`."""
+    command = "python -m helpers.train_inpaint " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("out", "work", "replace_bundled", "run") and v != PARSER_DEFAULTS.get(k))
+    if args.init or not args.phase2_steps:
+        train_phase(args, command)
+        return _bundled_hint(Path(args.out))
+    check_out(Path(args.out), args.replace_bundled)
+    first = argparse.Namespace(**{**vars(args), "out": str(Path(args.work) / "phase1"), "replace_bundled": False,
+                                  "outside": 0.0, "run": "inpaint"})
+    train_phase(first, command)
+    second = argparse.Namespace(**{**vars(args), "init": first.out, "steps": args.phase2_steps,
+                                   "lr": args.phase2_lr, "run": "phase2"})
+    train_phase(second, command)
+    _bundled_hint(Path(args.out))
+
+
+def train_phase(args, command: str):
     from diffusers import StableDiffusionPipeline
     out = Path(args.out)
     check_out(out, args.replace_bundled)
@@ -180,11 +224,21 @@ def train(args):
     vae, te, tok, sched = base.vae.eval(), base.text_encoder.eval(), base.tokenizer, base.scheduler
     vae.requires_grad_(False); te.requires_grad_(False)
     scaling = float(vae.config.scaling_factor)
-    unet = widen_unet(base.unet)
+    if args.init:  # a second phase: start from an inpainting UNet already trained (a fresh optimiser and schedule)
+        from diffusers import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_pretrained(Path(args.init) / "unet")
+        if unet.config.in_channels != 9:
+            raise SystemExit(f"--init {args.init}: its UNet has {unet.config.in_channels} input channels; an "
+                             f"inpainting UNet has 9 (a folder written by this command)")
+    else:
+        unet = widen_unet(base.unet)
+    # the phase it continues, as its training.json says (kept in ours, so the model card can give both commands)
+    previous = json.loads((Path(args.init) / "training.json").read_text()) if args.init and \
+        (Path(args.init) / "training.json").exists() else None
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     start, spent = 0, 0.0
-    ck = work / "inpaint.pt"
+    ck = work / f"{args.run}.pt"
     if ck.exists():
         st = torch.load(ck, weights_only=False)
         unet.load_state_dict(st["unet"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
@@ -200,13 +254,12 @@ def train(args):
         empty = te(torch.tensor([tok("", padding="max_length", max_length=MODEL_MAX_LENGTH).input_ids]))[0]
 
     def meta(done):
-        return dict({k: v for k, v in vars(args).items() if k not in ("out", "work", "replace_bundled")},
+        return dict({k: v for k, v in vars(args).items()
+                     if k not in ("out", "work", "replace_bundled", "phase2_steps", "phase2_lr")},
                     base=str(Path(args.base).resolve().relative_to(ROOT)) if Path(args.base).resolve()
                     .is_relative_to(ROOT) else args.base, step=done, unet_seconds=round(spent),
-                    world_version=tw.WORLD_VERSION,
-                    command="python -m helpers.train_inpaint " + " ".join(
-                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                        if k not in ("out", "work", "replace_bundled") and v != PARSER_DEFAULTS.get(k)))
+                    world_version=tw.WORLD_VERSION, command=command,
+                    **({"previous": previous} if previous else {}))
 
     if start >= args.steps:
         export(out, base, ema, meta(args.steps))
@@ -217,7 +270,7 @@ def train(args):
     bar = tqdm(range(start, args.steps), desc="inpainting UNet", initial=start, total=args.steps)
     tick = time.time()
     for step in bar:
-        g = torch.Generator().manual_seed(args.seed * 100003 + step)
+        g = torch.Generator().manual_seed(args.seed * 100003 + step + (10_000_000 if args.init else 0))
         idx = torch.randint(0, args.pairs, (args.batch,), generator=g)
         z0, m, zm, cond = (data[k][idx] for k in ("latents", "mask", "masked", "cond"))
         drop = torch.rand(args.batch, generator=g) < args.drop
@@ -226,9 +279,9 @@ def train(args):
         noise = torch.randn_like(z0)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(torch.cat([zt, m, zm], 1), t, encoder_hidden_states=cond).sample
-        w = snr[t].clamp(max=5.0) / snr[t]
-        mse = ((pred - noise) ** 2).mean((1, 2, 3))
-        loss = (w * mse).mean()
+        se = (pred - noise) ** 2
+        mse = se.mean((1, 2, 3))
+        loss = (loss_weights(snr[t], m, args.outside) * se).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -246,11 +299,14 @@ def train(args):
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
                         "seconds": spent, "rng": torch.get_rng_state()}, ck)
         if done % args.export_every == 0 and done < args.steps:
-            export(work / f"export-{done}", base, ema, meta(done))
+            export(work / f"export-{args.run}-{done}", base, ema, meta(done))
     export(out, base, ema, meta(args.steps))
-    print(f"done: {args.steps} steps, {spent / 60:.1f} min; the model is in {out}"
-          + ("" if out.resolve() == BUNDLED.resolve() else
-             "; to make it the bundled one: the same command with --out data/toy-sd-inpaint --replace-bundled"))
+    print(f"done: {args.steps} steps, {spent / 60:.1f} min; the model is in {out}")
+
+
+def _bundled_hint(out: Path):
+    if out.resolve() != BUNDLED.resolve():
+        print("to make it the bundled one: the same command with --out data/toy-sd-inpaint --replace-bundled")
 
 
 PARSER = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,11 +318,21 @@ PARSER.add_argument("--base", default=str(BASE), help="the model to start from (
 PARSER.add_argument("--seed", type=int, default=0)
 PARSER.add_argument("--pairs", type=int, default=12288,
                     help="training scenes (seeds 0..N-1), each with one random mask, encoded once")
-PARSER.add_argument("--steps", type=int, default=3000)
+PARSER.add_argument("--steps", type=int, default=2000, help="phase 1 (or the only phase, with --init)")
 PARSER.add_argument("--batch", type=int, default=64)
 PARSER.add_argument("--lr", type=float, default=4e-4)
+PARSER.add_argument("--phase2-steps", type=int, default=2500,
+                    help="phase 2: the loss outside the mask weighted by --outside (0: no phase 2)")
+PARSER.add_argument("--phase2-lr", type=float, default=2e-4)
 PARSER.add_argument("--ema", type=float, default=0.995)
 PARSER.add_argument("--drop", type=float, default=0.1, help="caption dropout (trains classifier-free guidance)")
+PARSER.add_argument("--outside", type=float, default=1.0,
+                    help="phase 2 (or an --init phase): outside the mask, weight the loss at least this much in x0 "
+                         "terms (0: min-SNR-5 everywhere, as phase 1)")
+PARSER.add_argument("--init", default="",
+                    help="one phase only, from this inpainting pipeline folder (e.g. data/toy-sd-inpaint) instead of "
+                         "widening the base UNet, with a fresh optimiser and schedule")
+PARSER.add_argument("--run", default="inpaint", help="with --init: name of its resumable checkpoint in --work")
 PARSER.add_argument("--ckpt-every", type=int, default=100)
 PARSER.add_argument("--export-every", type=int, default=500)
 PARSER_DEFAULTS = {a.dest: a.default for a in PARSER._actions}
