@@ -159,6 +159,13 @@ def test_edit_report_says_no_when_nothing_changed(monkeypatch):
     assert t["blank"]["reason"] == ["no object in the region"] * 3
     md = edit_table_markdown(t, cases)
     assert "| the wanted result | 100% (3/3) |" in md and "| blank | 0% (0/3) |" in md
+    assert "| the input | 0% (0/3) | 0% | 0% | 0% | ∞ |" in md
+
+
+def test_edit_table_reads_partly_infinite_psnr_as_a_count():
+    from helpers.diffedit import _mean_sd
+    assert _mean_sd([float("inf"), 20.0, 30.0]) == "∞ on 1/3; the rest 25.0 ± 5.0"
+    assert _mean_sd([float("inf")] * 2) == "∞" and _mean_sd([20.0, 30.0]) == "25.0 ± 5.0"
 
 
 def test_fast_mask_finds_the_edited_object(pipe):
@@ -287,3 +294,26 @@ def test_improved_mask_beats_the_fast_mask_on_held_out_edits(pipe):
     # 0.37/0.54/0.30 against 0.94/0.70/0.99: every edit gains at least 0.16
     gain = np.array(improved["iou"]) - np.array(fast["iou"])
     assert gain.min() > 0.1 and gain.mean() > 0.3 and np.mean(improved["iou"]) > 0.6, (fast["iou"], improved["iou"])
+
+
+def test_pasted_back_row_reuses_the_checkpoint_edit_and_keeps_the_input_outside(pipe):
+    """The 'input pasted back' row is the improved-mask checkpoint edit with the input composited outside its mask
+    (diffusers' apply_overlay): identical inside the mask, the input itself outside, and charged the same UNet
+    evaluations without running the UNet again."""
+    from helpers.diffedit import edit_methods, improved_mask
+    from helpers.images import encode
+    cases = tw.edit_cases(1, start=70)
+    c = cases[0]
+    methods = {k: v for k, v in edit_methods(pipe, steps=4, inpaint_model="toy-inpaint").items()
+               if k.startswith("inpainting checkpoint, 9 channels (improved")}
+    assert len(methods) == 2
+    t = compare_edits(pipe, cases, methods, progress=False)
+    made, pasted = (t[k] for k in methods)
+    m = improved_mask(pipe, encode(pipe, c.scene.image), c.reference, c.query, image=c.scene.image, steps=4).numpy()
+    assert 0 < m.mean() < 0.5
+    assert np.array_equal(pasted["images"][0][~m], c.scene.image[~m])
+    inside = pasted["images"][0][m].astype(int) - made["images"][0][m]
+    assert np.abs(inside).max() <= 1  # apply_overlay composites in premultiplied RGBa: a rounding step at most
+    assert not np.array_equal(made["images"][0][~m], c.scene.image[~m])  # the checkpoint alone changed the outside
+    assert pasted["evals"] == made["evals"] and made["evals"][0] == 80 + 4 * 2
+    assert pasted["psnr_out"][0] > made["psnr_out"][0]
