@@ -126,3 +126,41 @@ def _case_latents(pipe, case):
     if key not in store:
         store[key] = encode(pipe, case.scene.image)
     return store[key]
+
+
+# -- hints shared by the edit exercises (01, 02, 03) -------------------------------------------------------------
+PSNR_TOL = 0.01  # dB: the same edit gives the same image
+
+
+def _iou_hint(v, where: str):
+    if not _number(v):
+        return f"{where}: expected a number (an IoU), got {v!r}"
+    if not 0 <= float(v) <= 1:
+        return f"{where}: {float(v):g} is not an IoU (those lie in [0, 1])"
+    return None
+
+
+def _match(v, candidates: dict, tol: float):
+    """The label of the first candidate value within tol of v, or None."""
+    for label, fn in candidates.items():
+        if abs(float(v) - fn()) <= tol:
+            return label
+    return None
+
+
+def _psnr_hint(v, where: str):
+    if not _number(v):
+        return f"{where}: expected a number (a PSNR in dB), got {v!r}"
+    if not 0 < float(v) < 100:
+        return f"{where}: {float(v):g} is not a PSNR in dB (between 0 and 100 for these images)"
+    return None
+
+
+def _diagnose_psnr(v, where: str, expected: float, others: dict, tol: float = PSNR_TOL) -> str | None:
+    """None when v is the expected PSNR; else the label of the first of `others` it matches, or a plain hint."""
+    if abs(float(v) - expected) <= tol:
+        return None
+    label = _match(v, others, tol)
+    if label:
+        return f"{where}: {float(v):.2f} dB is {label}"
+    return f"{where}: {float(v):.2f} dB; the reference is not that (measure with edit_report(image, case)['psnr_out'])"

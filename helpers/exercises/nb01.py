@@ -12,7 +12,8 @@ import warnings
 import numpy as np
 import torch
 
-from ._common import _case_latents, _keys_hint, _need_pipe, _number, _store, _verdict
+from ._common import (_case_latents, _diagnose_psnr, _iou_hint, _keys_hint, _match, _need_pipe,
+                      _number, _psnr_hint, _store, _verdict)
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb01.draw_maps, …)
 __all__ = ["check_01_1", "check_01_2", "check_01_3", "check_01_4", "check_01_5", "check_01_6"]
@@ -29,23 +30,6 @@ EDIT_STEPS = 20              # exercises 01.4-01.6: a 20-step schedule
 STRENGTHS_01_4 = (0.5, 0.7, 0.9)
 RECIPES = ("inversion", "blend")
 IOU_TOL = 1e-6               # the same computation gives the same mask; a cell more or less moves an IoU by ~0.03
-PSNR_TOL = 0.01              # dB: the same edit gives the same image
-
-
-def _iou_hint(v, where: str):
-    if not _number(v):
-        return f"{where}: expected a number (an IoU), got {v!r}"
-    if not 0 <= float(v) <= 1:
-        return f"{where}: {float(v):g} is not an IoU (those lie in [0, 1])"
-    return None
-
-
-def _match(v, candidates: dict, tol: float):
-    """The label of the first candidate value within tol of v, or None."""
-    for label, fn in candidates.items():
-        if abs(float(v) - fn()) <= tol:
-            return label
-    return None
 
 
 # -- the edits ---------------------------------------------------------------------------------------------------
@@ -268,23 +252,6 @@ def psnr_out(pipe, how: str, strength: float = 0.7, reference=None, seed: int = 
     c = section_case(pipe)
     img = edited_image(pipe, how, strength, reference, seed, steps)
     return psnr(img, c.scene.image, mask=None if where == "all" else ~c.region)
-
-
-def _psnr_hint(v, where: str):
-    if not _number(v):
-        return f"{where}: expected a number (a PSNR in dB), got {v!r}"
-    if not 0 < float(v) < 100:
-        return f"{where}: {float(v):g} is not a PSNR in dB of an edited image"
-    return None
-
-
-def _diagnose_psnr(v, where: str, expected: float, others: dict) -> str | None:
-    if abs(float(v) - expected) <= PSNR_TOL:
-        return None
-    label = _match(v, others, PSNR_TOL)
-    if label:
-        return f"{where}: {float(v):.2f} dB is {label}"
-    return f"{where}: {float(v):.2f} dB; the reference is not that (measure with edit_report(image, case)['psnr_out'])"
 
 
 def check_01_4(answer, pipe=None, seed: int = 0, strict: bool = False, steps: int = EDIT_STEPS,

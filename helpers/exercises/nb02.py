@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _case_latents, _keys_hint, _need_pipe, _number, _store, _verdict
-from .nb01 import _diagnose_psnr, _iou_hint, _match, _psnr_hint
+from ._common import (PSNR_TOL, _case_latents, _diagnose_psnr, _iou_hint, _keys_hint, _match, _need_pipe,
+                      _number, _psnr_hint, _store, _verdict)
 
 # only the checks go into `helpers.exercises`; the references stay here (exercises.nb02.fast_iou, …)
 __all__ = ["check_02_1", "check_02_2", "check_02_3", "check_02_4", "check_02_5"]
@@ -31,7 +31,6 @@ KEYS_02_5 = ("matched", "mismatched", "same count")
 MISMATCH_STRENGTH = 0.5          # 02.5 "mismatched": the edit at 0.5, 10 steps (5 timesteps)
 SAME_COUNT_STEPS = 16            # 02.5 "same count": the edit at 0.5 with 16 steps (8 timesteps, as inverted)
 IOU_TOL = 1e-6                   # the same computation gives the same mask
-PSNR_TOL = 0.01                  # dB: the same edit gives the same image
 
 
 # -- the edits ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ._common import _check_pipe, _close, _number, _pct, _store, _verdict
+from ._common import _check_pipe, _close, _number, _pct, _psnr_hint, _store, _verdict
 
 __all__ = ["STEPS_03", "SCENE_03", "GUIDANCE_03", "SWAP_GUIDANCE_03", "GUIDANCES_03_1",
            "SCHEDULES_03_2", "BLEND_SETTINGS_03_3", "scene_03", "swap_03", "refine_positions_03",
@@ -175,14 +175,6 @@ def _float_keys(ans, want, what: str):
     if not all(_number(k) for k in ans) or {float(k) for k in ans} != {float(w) for w in want} or len(ans) != len(want):
         return None, f"expected the keys {list(want)} ({what}), got {list(ans)}"
     return {float(k): v for k, v in ans.items()}, None
-
-
-def _psnr_hint(v, where: str) -> str | None:
-    if not _number(v):
-        return f"{where}: expected a PSNR in dB (a number), got {v!r}"
-    if not 0 < float(v) < 100:
-        return f"{where}: {float(v):g} is not a PSNR in dB (between 0 and 100 for these images)"
-    return None
 
 
 # -- 03.1 guidance sweep -----------------------------------------------------------------------------------------
