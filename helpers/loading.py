@@ -55,7 +55,6 @@ def _offline() -> bool:
 def check_bundled(path: Path = BUNDLED):
     """Raise a clear error if a bundled model (the toy model or its inpainting checkpoint) is missing or damaged."""
     retrain = RETRAIN_INPAINT if Path(path).resolve() == BUNDLED_INPAINT.resolve() else RETRAIN
-    minutes = "under an hour" if retrain == RETRAIN_INPAINT else "about an hour"
     needed = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
               "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json",
@@ -65,7 +64,7 @@ def check_bundled(path: Path = BUNDLED):
         raise FileNotFoundError(
             f"The bundled toy model in {path} is incomplete (missing: {', '.join(missing)}). Restore it with "
             f"`git checkout -- {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` or retrain it with "
-            f"`{retrain}` ({minutes} on 2 CPU cores).")
+            f"`{retrain}` (about an hour on 2 CPU cores).")
     try:
         json.loads((path / "model_index.json").read_text())
     except ValueError as e:
