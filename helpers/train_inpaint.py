@@ -238,7 +238,9 @@ def train_phase(args, command: str):
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     start, spent = 0, 0.0
-    ck = work / f"{args.run}.pt"
+    # each phase resumes its own checkpoint: "inpaint" (phase 1), "phase2", or one named after the --init folder
+    run = args.run or (f"from-{Path(args.init).name}" if args.init else "inpaint")
+    ck = work / f"{run}.pt"
     if ck.exists():
         st = torch.load(ck, weights_only=False)
         unet.load_state_dict(st["unet"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
@@ -299,7 +301,7 @@ def train_phase(args, command: str):
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
                         "seconds": spent, "rng": torch.get_rng_state()}, ck)
         if done % args.export_every == 0 and done < args.steps:
-            export(work / f"export-{args.run}-{done}", base, ema, meta(done))
+            export(work / f"export-{run}-{done}", base, ema, meta(done))
     export(out, base, ema, meta(args.steps))
     print(f"done: {args.steps} steps, {spent / 60:.1f} min; the model is in {out}")
 
@@ -332,7 +334,8 @@ PARSER.add_argument("--outside", type=float, default=1.0,
 PARSER.add_argument("--init", default="",
                     help="one phase only, from this inpainting pipeline folder (e.g. data/toy-sd-inpaint) instead of "
                          "widening the base UNet, with a fresh optimiser and schedule")
-PARSER.add_argument("--run", default="inpaint", help="with --init: name of its resumable checkpoint in --work")
+PARSER.add_argument("--run", default="",
+                    help="with --init: name of its resumable checkpoint in --work (default: from-<init folder name>)")
 PARSER.add_argument("--ckpt-every", type=int, default=100)
 PARSER.add_argument("--export-every", type=int, default=500)
 PARSER_DEFAULTS = {a.dest: a.default for a in PARSER._actions}

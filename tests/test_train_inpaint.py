@@ -81,6 +81,11 @@ def test_tiny_run_exports_an_inpainting_pipeline_and_refuses_the_bundled_folder(
     assert meta["previous"]["step"] == 2 and meta["previous"]["outside"] == 0.0 and not meta["previous"]["init"]
     assert "--pairs 8" in meta["command"] and "--phase2-steps 3" in meta["command"]
     assert (work / "inpaint.pt").exists() and (work / "phase2.pt").exists()  # both phases resumable
+    # one more phase from the result: its own checkpoint, not phase 1's or phase 2's (those would be "done")
+    more = tmp_path / "more"
+    train(PARSER.parse_args(["--work", str(work), "--out", str(more), "--pairs", "8", "--batch", "4", "--init", str(out),
+                             "--steps", "4"]))
+    assert json.loads((more / "training.json").read_text())["step"] == 4 and (work / "from-out.pt").exists()
     p = StableDiffusionInpaintPipeline.from_pretrained(str(out))
     p.set_progress_bar_config(disable=True)
     assert p.unet.config.in_channels == 9
